@@ -1,0 +1,174 @@
+"""The single source of option names, types and defaults.
+
+Every option a trial can take is declared once here. The experiment files (`config.py`), the
+Python API (`Trial`) and the CLI flags of `suite bench|probe|profile` (`cli.py`) are all derived
+from `OPTIONS`, so names and defaults cannot drift apart.
+
+This module must stay light: no torch, no timm.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+# Pool names the tower understands. Whether a given trunk supports one is decided by the tower.
+POOLS = ("avg", "max", "avgmax", "token", "map", "", "abs_attn", "rot_attn")
+PROJS = ("linear", "mlp", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+MODES = ("both", "infer", "train")
+DATASETS = ("none", "digits", "imagefolder", "synthetic")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One trial option.
+
+    Attributes:
+        name: field name in `Trial`, key in experiment files, `--name-with-dashes` on the CLI.
+        types: accepted Python types of a value (bool is never accepted as int).
+        default: the default value.
+        help: one line for `--help` and the README.
+        group: `tower`, `measure` or `probe`; decides the CLI command that shows it.
+        choices: the allowed values, when the set is closed.
+        nullable: whether `None` (YAML `null`) is a valid value.
+        cli: extra CLI spellings (e.g. `--lock`).
+        identity: whether the option changes what is measured (part of `trial_id`).
+    """
+
+    name: str
+    types: tuple[type, ...]
+    default: Any
+    help: str
+    group: str
+    choices: tuple | None = None
+    nullable: bool = False
+    cli: tuple[str, ...] = ()
+    identity: bool = True
+
+    def check(self, value: Any) -> str | None:
+        """Return a problem with `value`, or None when it is valid."""
+        if value is None:
+            return None if self.nullable else "must not be null"
+        if isinstance(value, bool) and bool not in self.types:
+            return f"must be {self.type_name()}, got a boolean"
+        if isinstance(value, int) and not isinstance(value, bool) and float in self.types and int not in self.types:
+            value = float(value)
+        if not isinstance(value, self.types):
+            return f"must be {self.type_name()}, got {type(value).__name__} {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return f"must be one of {', '.join(repr(c) for c in self.choices)}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            return "must not be negative"
+        return None
+
+    def type_name(self) -> str:
+        names = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+        text = " or ".join(names[t] for t in self.types)
+        return text + (" or null" if self.nullable else "")
+
+
+OPTIONS: tuple[Option, ...] = (
+    # --- the tower (open_clip TimmModel constructor, plus lock and checkpointing) ---
+    Option("model", (str,), None, "timm model name, e.g. vit_base_patch16_224", "tower"),
+    Option("embed_dim", (int,), 512, "output embedding width of the projection head", "tower"),
+    Option("image_size", (int,), 224, "input resolution (square)", "tower"),
+    Option("pool", (str,), "avg", "pooling: avg|max|avgmax|token|map|''|abs_attn|rot_attn", "tower", POOLS),
+    Option("proj", (str,), "linear", "projection head: linear|mlp|none", "tower", PROJS),
+    Option("proj_bias", (bool,), False, "bias in the projection", "tower"),
+    Option("drop", (float,), 0.0, "dropout before the projection", "tower"),
+    Option("drop_path", (float,), None, "stochastic depth rate (models that accept it)", "tower", nullable=True),
+    Option("patch_drop", (float,), None, "patch dropout rate (ViT-like models)", "tower", nullable=True),
+    Option(
+        "pretrained", (bool, str), False,
+        "weights: false (random init), true (timm hub), a hub tag, or a local checkpoint path", "tower",
+    ),
+    Option(
+        "unlocked_groups", (int,), None,
+        "lock the trunk leaving the last N layer groups trainable (null: not locked)", "tower",
+        nullable=True, cli=("--lock",),
+    ),
+    Option("freeze_bn_stats", (bool,), False, "freeze BatchNorm statistics of locked groups", "tower"),
+    Option("grad_checkpointing", (bool,), False, "gradient checkpointing in the trunk", "tower"),
+    # --- how it is measured ---
+    Option("device", (str,), "auto", "cpu|cuda|auto", "measure", DEVICES),
+    Option("precision", (str,), "fp32", "fp32|bf16|fp16 (autocast)", "measure", PRECISIONS),
+    Option("batch_size", (int,), 32, "batch size (the upper bound when auto_batch_size)", "measure"),
+    Option("auto_batch_size", (bool,), False, "back off from batch_size on OOM to the largest that fits", "measure"),
+    Option("channels_last", (bool,), False, "channels_last memory format", "measure"),
+    Option("compile", (bool,), False, "torch.compile the tower (compile time reported apart)", "measure"),
+    Option("mode", (str,), "both", "what to measure: infer|train|both", "measure", MODES),
+    Option("warmup", (int,), 5, "untimed warm-up iterations", "measure"),
+    Option("iters", (int,), 20, "timed iterations", "measure"),
+    Option("noise_threshold", (float,), 0.1, "flag a timing whose IQR/median exceeds this", "measure", identity=False),
+    # --- the linear probe ---
+    Option("dataset", (str,), "none", "probe data: none|digits|imagefolder|synthetic", "probe", DATASETS),
+    Option("root", (str,), None, "image folder for dataset=imagefolder", "probe", nullable=True),
+    Option("max_per_class", (int,), None, "cap images per class (quick runs)", "probe", nullable=True),
+    Option("probe_batch_size", (int,), 64, "batch size of feature extraction", "probe", identity=False),
+    Option("knn", (bool,), False, "also report cosine kNN (k=20) accuracy", "probe"),
+    Option("seed", (int,), 0, "seed of splits and the classifier", "probe"),
+    Option("skip_bad_images", (bool,), False, "skip unreadable images instead of failing", "probe"),
+)
+
+OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+def options_in(*groups: str) -> tuple[Option, ...]:
+    return tuple(o for o in OPTIONS if o.group in groups)
+
+
+def _trial_fields():
+    fields = [("model", str)]  # the only required option
+    for o in OPTIONS[1:]:
+        fields.append((o.name, Any, dataclasses.field(default=o.default)))
+    return fields
+
+
+def _trial_id(self) -> str:
+    """Stable hash of everything that changes what the trial measures."""
+    ident = {o.name: getattr(self, o.name) for o in OPTIONS if o.identity}
+    blob = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _label(self) -> str:
+    """Short human label: model and the options that differ from the defaults."""
+    parts = [self.model]
+    for o in OPTIONS[1:]:
+        value = getattr(self, o.name)
+        if o.identity and value != o.default and o.name not in ("device",):
+            parts.append(f"{o.name}={value}")
+    return " ".join(parts)
+
+
+def _as_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# One frozen record per grid point; its fields are exactly OPTIONS, in order.
+Trial = dataclasses.make_dataclass(
+    "Trial",
+    _trial_fields(),
+    frozen=True,
+    namespace={
+        "trial_id": property(_trial_id),
+        "label": property(_label),
+        "as_dict": _as_dict,
+        "__doc__": "One configuration to measure: a tower, how it is measured, and the probe. Fields: OPTIONS.",
+        "__module__": __name__,
+    },
+)
+
+
+def trial_problems(trial) -> list[str]:
+    """Type/choice problems of a trial's values, as 'name: problem' strings."""
+    out = []
+    for o in OPTIONS:
+        problem = o.check(getattr(trial, o.name))
+        if problem:
+            out.append(f"{o.name}: {problem}")
+    return out

@@ -1,0 +1,129 @@
+"""Result records: frozen dataclasses with units in the field names.
+
+Field names that timm's `benchmark.py` also reports keep timm's names (`infer_samples_per_sec`,
+`infer_step_time` (ms), `infer_batch_size`, `infer_img_size`, `param_count` (millions),
+`infer_gmacs` (per image), and the `train_` twins), so rows line up with timm's published CSVs.
+
+This module must stay light: no torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+STATUSES = ("ok", "skipped", "oom", "error", "crashed", "timeout")
+
+
+@dataclass(frozen=True)
+class MeasureResult:
+    """What `suite.measure.measure(trial)` returns. A phase not measured leaves its fields None."""
+
+    # model
+    param_count: float | None = None  # millions, total
+    trainable_param_count: float | None = None  # millions, after lock
+    layer_groups: int | None = None
+    feature_shape: str | None = None  # trunk output before the head, e.g. "96x7x7" or "197x192"
+    grad_checkpointing_active: bool | None = None
+    # inference
+    infer_samples_per_sec: float | None = None
+    infer_step_time: float | None = None  # ms, median
+    infer_step_time_iqr: float | None = None  # ms
+    infer_batch_size: int | None = None
+    infer_img_size: int | None = None
+    infer_gmacs: float | None = None  # per image; MACs = FLOPs / 2
+    infer_gflops: float | None = None  # per image
+    infer_tflops: float | None = None  # achieved, TFLOP/s
+    infer_mfu: float | None = None  # achieved / device peak, 0..1
+    infer_peak_mem_mib: float | None = None
+    infer_peak_reserved_mib: float | None = None  # CUDA only
+    infer_noisy: bool | None = None
+    # training
+    train_samples_per_sec: float | None = None
+    train_step_time: float | None = None
+    train_step_time_iqr: float | None = None
+    train_batch_size: int | None = None
+    train_img_size: int | None = None
+    train_gmacs: float | None = None  # per image, forward + backward (+ optimizer: no matmuls)
+    train_gflops: float | None = None
+    train_tflops: float | None = None
+    train_mfu: float | None = None
+    train_peak_mem_mib: float | None = None
+    train_peak_reserved_mib: float | None = None
+    train_noisy: bool | None = None
+    # how it was measured
+    device_peak_tflops: float | None = None  # measured dense matmul peak at this precision
+    mem_method: str | None = None  # e.g. "cuda max_memory_allocated" or "cpu rss high-water (per phase)"
+    compile_time_s: float | None = None  # excluded from timings
+    measured_time_s: float | None = None  # wall time of the timed + warm-up work, for overhead accounting
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What the linear probe returns."""
+
+    probe_top1: float | None = None  # percent
+    probe_top5: float | None = None  # percent; None with 5 classes or fewer
+    probe_balanced_accuracy: float | None = None  # percent, mean per-class recall
+    probe_C: float | None = None  # chosen on the validation split
+    probe_knn_top1: float | None = None  # percent, cosine k=20
+    probe_n_train: int | None = None
+    probe_n_val: int | None = None
+    probe_n_test: int | None = None
+    probe_n_classes: int | None = None
+    probe_extract_samples_per_sec: float | None = None
+    probe_cache_hit: bool | None = None
+    probe_skipped_images: int | None = None
+    probe_time_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where a result was measured. Rows from different environments are never merged."""
+
+    env_torch: str | None = None
+    env_timm: str | None = None
+    env_cuda: str | None = None
+    env_cudnn: str | None = None
+    env_device: str | None = None  # "cpu" or the GPU's name
+    env_driver: str | None = None
+    env_cpu: str | None = None
+    env_threads: int | None = None
+    env_python: str | None = None
+    env_platform: str | None = None
+    env_git_commit: str | None = None
+
+    def key(self) -> str:
+        """What makes two environments different for comparison: device, versions."""
+        return "|".join(str(x) for x in (self.env_device, self.env_torch, self.env_timm, self.env_cuda))
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One row of the results store: the trial's configuration, its status and all its results."""
+
+    trial: Any  # suite.options.Trial
+    status: str
+    reason: str = ""
+    measure: MeasureResult = field(default_factory=MeasureResult)
+    probe: ProbeResult = field(default_factory=ProbeResult)
+    env: Env = field(default_factory=Env)
+    started_at: float | None = None  # unix time
+    finished_at: float | None = None
+
+    def flat(self) -> dict[str, Any]:
+        """One flat dict: trial_id, config fields, status, reason, result and env fields."""
+        row = {"trial_id": self.trial.trial_id, "env_key": self.env.key()}
+        row.update(dataclasses.asdict(self.trial))
+        row.update(status=self.status, reason=self.reason, started_at=self.started_at, finished_at=self.finished_at)
+        for part in (self.measure, self.probe, self.env):
+            row.update(dataclasses.asdict(part))
+        return row
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+RESULT_COLUMNS = field_names(MeasureResult) + field_names(ProbeResult)
+ENV_COLUMNS = field_names(Env)

@@ -1,0 +1,141 @@
+"""Experiment files: validation errors name file, key and value; grid expansion; include/exclude."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from suite.config import ConfigError, load_experiment, parse_experiment
+from suite.options import OPTIONS, Trial
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def problems_of(tmp_path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_experiment(write(tmp_path, text))
+    assert str(tmp_path / "exp.yaml") in str(info.value)  # the file is named
+    return info.value.problems
+
+
+def test_trial_fields_are_exactly_the_schema():
+    assert [f for f in Trial.__dataclass_fields__] == [o.name for o in OPTIONS]
+    trial = Trial(model="test_vit")
+    with pytest.raises(Exception):
+        trial.pool = "max"  # frozen
+    assert trial.trial_id == Trial(model="test_vit").trial_id
+    assert trial.trial_id != Trial(model="test_vit", pool="max").trial_id
+    # options that do not change the measurement do not change the id
+    assert trial.trial_id == Trial(model="test_vit", probe_batch_size=7).trial_id
+
+
+def test_grid_expands_with_include_and_exclude():
+    exp = parse_experiment({
+        "name": "x", "device": "cpu", "measure": {"iters": 3},
+        "grid": {"model": ["test_vit", "test_resnet"], "pool": ["avg", "abs_attn"], "unlocked_groups": [None, 0]},
+        "exclude": [{"model": "test_vit", "pool": "abs_attn"}],
+        "include": [{"model": "test_convnext", "pool": ["max", "avg"]}],
+    })
+    labels = [(t.model, t.pool, t.unlocked_groups) for t in exp.trials]
+    assert len(labels) == 2 * 2 * 2 - 2 + 2
+    assert ("test_vit", "abs_attn", None) not in labels
+    # "not locked" (None) and "locked, 0 unlocked" (0) are different trials
+    assert ("test_resnet", "avg", None) in labels and ("test_resnet", "avg", 0) in labels
+    # include entries inherit fixed settings but not the multi-valued grid axes
+    conv = [t for t in exp.trials if t.model == "test_convnext"]
+    assert [t.pool for t in conv] == ["max", "avg"]
+    assert all(t.iters == 3 and t.device == "cpu" and t.unlocked_groups is None for t in conv)
+    assert exp.axes == ["model", "pool", "unlocked_groups"]
+
+
+def test_duplicate_combinations_collapse():
+    exp = parse_experiment({"name": "x", "grid": {"model": ["test_vit", "test_vit"]},
+                            "include": [{"model": "test_vit"}]})
+    assert len(exp.trials) == 1
+
+
+def test_unknown_keys_suggest_the_closest(tmp_path):
+    problems = problems_of(tmp_path, """
+        name: x
+        grdi: {model: [test_vit]}
+        measure: {warmpu: 3}
+        grid: {model: [test_vit], pol: [avg]}
+    """)
+    text = "\n".join(problems)
+    assert "grdi: unknown key; did you mean 'grid'?" in text
+    assert "measure.warmpu: unknown option 'warmpu'; did you mean 'warmup'?" in text
+    assert "grid.pol: unknown option 'pol'; did you mean 'pool'?" in text
+
+
+def test_wrong_types_empty_lists_and_bad_choices(tmp_path):
+    problems = problems_of(tmp_path, """
+        name: x
+        measure: {iters: "5", precision: fp64}
+        grid: {model: [test_vit], embed_dim: [], pool: [avg, avgg], grad_checkpointing: [yes, 1]}
+    """)
+    text = "\n".join(problems)
+    assert "measure.iters: '5' must be an integer" in text
+    assert "measure.precision: 'fp64' must be one of 'fp32', 'bf16', 'fp16'" in text
+    assert "grid.embed_dim: empty list" in text
+    assert "grid.pool[1]: 'avgg' must be one of" in text and "did you mean 'avg'" in text
+    assert "grid.grad_checkpointing[1]: 1 must be true/false" in text
+
+
+def test_unknown_model_names_get_close_matches(tmp_path):
+    problems = problems_of(tmp_path, """
+        name: x
+        grid: {model: [test_vitt, resnet50]}
+    """)
+    assert len(problems) == 1  # resnet50 is fine
+    assert problems[0].startswith("model: 'test_vitt' is not a timm model; did you mean 'test_vit' or ")
+
+
+def test_missing_checkpoint_file(tmp_path):
+    problems = problems_of(tmp_path, """
+        name: x
+        grid: {model: [test_vit], pretrained: [/no/such/file.safetensors]}
+    """)
+    assert problems == ["pretrained: checkpoint file '/no/such/file.safetensors' does not exist"]
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_experiment(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment(write(tmp_path, "name: [x\n"))
+    # the safe loader refuses arbitrary Python objects
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment(write(tmp_path, "name: !!python/object/apply:os.system ['true']\n"))
+
+
+def test_run_block_and_required_name(tmp_path):
+    problems = problems_of(tmp_path, """
+        grid: {model: [test_vit]}
+        run: {backend: rey, workers: 0, timout_s: 3}
+    """)
+    text = "\n".join(problems)
+    assert "name: required" in text
+    assert "run.backend: 'rey' must be one of" in text and "did you mean 'ray'" in text
+    assert "run.workers: 0 must be positive" in text
+    assert "run.timout_s: unknown key; did you mean 'timeout_s'?" in text
+
+
+def test_shipped_experiments_are_valid():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("experiments/*.yaml")):
+        exp = load_experiment(path)
+        assert exp.trials, path
+
+
+def test_cli_validate_exit_code_2_on_bad_file(tmp_path):
+    path = write(tmp_path, "name: x\ngrid: {model: [test_vit], pool: [avgg]}\n")
+    proc = subprocess.run([sys.executable, "-m", "suite.cli", "validate", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"{path}" in proc.stderr and "grid.pool[0]: 'avgg'" in proc.stderr
