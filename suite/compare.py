@@ -1,0 +1,330 @@
+"""The regression gate: compare a current results store with a baseline, fail only on real change.
+
+Trials are matched by `trial_id` (the hash of their configuration) within the same environment.
+A metric regresses when it moves the wrong way beyond its threshold AND beyond the measured noise
+of both runs: for timing metrics the noise is the sum of the two runs' relative step-time IQRs
+(IQR / median), so a 3% slowdown of a trial whose timings spread by 4% is not a regression.
+Trials present in one run only, and trials measured in different environments (another GPU,
+another torch), are listed, never compared silently.
+
+Thresholds: a relative change ("-5%") or an absolute one in the metric's unit ("-1" for probe
+top-1 points); the sign must point the metric's wrong way (or be left out). "off" disables one.
+
+This module must stay light: no torch.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from suite.report import AXES, cell, get, num, rows_of, table, trial_label, varying_axes
+from suite.select import METRICS
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """How far `metric` may move its wrong way: `limit` percent (relative) or units (absolute)."""
+
+    metric: str
+    limit: float  # magnitude, >= 0
+    relative: bool
+
+    @property
+    def text(self) -> str:
+        sign = "-" if higher_is_better(self.metric) else "+"
+        return f"{sign}{self.limit:g}" + ("%" if self.relative else "")
+
+
+def higher_is_better(metric: str) -> bool | None:
+    """Which way is good for a metric; None where a change is not better or worse (param_count)."""
+    if metric.endswith(("_samples_per_sec", "_tflops", "_mfu")) or metric in (
+        "probe_top1", "probe_top5", "probe_balanced_accuracy", "probe_knn_top1",
+    ):
+        return True
+    if metric.endswith(("_step_time", "_peak_mem_mib", "_peak_reserved_mib", "_time_s")):
+        return False
+    return None
+
+
+GATEABLE = tuple(m for m in METRICS if higher_is_better(m) is not None and not m.endswith("_iqr"))
+
+DEFAULT_THRESHOLDS: dict[str, Threshold] = {
+    "infer_samples_per_sec": Threshold("infer_samples_per_sec", 5.0, True),
+    "train_samples_per_sec": Threshold("train_samples_per_sec", 5.0, True),
+    "infer_peak_mem_mib": Threshold("infer_peak_mem_mib", 5.0, True),
+    "train_peak_mem_mib": Threshold("train_peak_mem_mib", 5.0, True),
+    "probe_top1": Threshold("probe_top1", 1.0, False),
+}
+_VALUE = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
+
+
+def _parse_one(metric: Any, value: Any, where: str) -> Threshold | None:
+    if not isinstance(metric, str) or metric not in GATEABLE:
+        close = difflib.get_close_matches(str(metric), GATEABLE, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; gateable metrics: {', '.join(GATEABLE)}"
+        raise ValueError(f"{where}: unknown metric {metric!r}{hint}")
+    if isinstance(value, str) and value.strip().lower() == "off":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{where}: {value!r} must be a change like '-5%' (relative), '-1' (absolute) or 'off'")
+    m = _VALUE.match(str(value))
+    if not m:
+        raise ValueError(f"{where}: {value!r} must be a change like '-5%' (relative), '-1' (absolute) or 'off'")
+    sign, magnitude, percent = m.groups()
+    good_up = higher_is_better(metric)
+    wrong = "-" if good_up else "+"
+    if sign and sign != wrong:
+        word = "higher" if good_up else "lower"
+        raise ValueError(
+            f"{where}: {metric} is better {word}, so its threshold is a{' drop' if good_up else 'n increase'}: "
+            f"write {wrong}{magnitude}{percent} (got {value!r})"
+        )
+    return Threshold(metric, float(magnitude), bool(percent))
+
+
+def parse_thresholds(spec: dict | list[str] | tuple[str, ...]) -> dict[str, Threshold | None]:
+    """Parse thresholds from an experiment's `compare:` block or CLI `METRIC=CHANGE` strings.
+
+    Returns only the metrics named (None for 'off'); `compare` lays them over DEFAULT_THRESHOLDS.
+
+    Raises:
+        ValueError: naming the entry and the value, with close matches for unknown metrics.
+    """
+    out: dict[str, Threshold | None] = {}
+    if isinstance(spec, dict):
+        for metric, value in spec.items():
+            out[str(metric)] = _parse_one(metric, value, f"compare.{metric}")
+    elif isinstance(spec, (list, tuple)):
+        for item in spec:
+            if not isinstance(item, str) or "=" not in item:
+                raise ValueError(f"threshold {item!r}: write METRIC=CHANGE, e.g. train_samples_per_sec=-3%")
+            metric, value = (s.strip() for s in item.split("=", 1))
+            out[metric] = _parse_one(metric, value, f"threshold {item!r}")
+    else:
+        raise ValueError(f"thresholds {spec!r}: must be a mapping (compare: block) or METRIC=CHANGE strings")
+    return out
+
+
+@dataclass
+class Change:
+    """One metric of one trial, baseline vs current."""
+
+    trial_id: str
+    label: str
+    metric: str
+    baseline: float
+    current: float
+    threshold: Threshold | None
+    noise: float | None  # combined relative IQR (timing metrics only)
+    verdict: str  # "regression" | "improvement" | "within noise" | "within threshold" | "unchanged" | "not gated"
+
+    @property
+    def rel_change(self) -> float | None:
+        return None if self.baseline == 0 else (self.current - self.baseline) / abs(self.baseline)
+
+    @property
+    def change_text(self) -> str:
+        if self.threshold is not None and not self.threshold.relative:
+            return f"{self.current - self.baseline:+.2f}"
+        rel = self.rel_change
+        return "—" if rel is None else f"{100 * rel:+.1f}%"
+
+
+@dataclass
+class Comparison:
+    """The outcome of `compare`; `markdown` is the table a CI log or PR shows."""
+
+    changes: list[Change] = field(default_factory=list)
+    regressions: list[str] = field(default_factory=list)  # one line each (status changes included)
+    only_in_baseline: list[str] = field(default_factory=list)
+    only_in_current: list[str] = field(default_factory=list)
+    env_mismatch: list[str] = field(default_factory=list)
+    status_changes: list[str] = field(default_factory=list)
+    n_compared: int = 0
+    markdown: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        """1 on any regression, or when no trial at all could be compared (nothing was gated)."""
+        return 1 if self.regressions or self.n_compared == 0 else 0
+
+
+_TIMING_PHASE = re.compile(r"^(infer|train)_(samples_per_sec|step_time|tflops|mfu)$")
+
+
+def _noise(metric: str, a, b) -> float | None:
+    """Combined relative IQR of both runs for timing metrics, None for the rest."""
+    m = _TIMING_PHASE.match(metric)
+    if not m:
+        return None
+    total = 0.0
+    for row in (a, b):
+        med, iqr = num(get(row, f"{m.group(1)}_step_time")), num(get(row, f"{m.group(1)}_step_time_iqr"))
+        if med is None or iqr is None or med <= 0:
+            return None
+        total += iqr / med
+    return total
+
+
+def _judge(metric: str, base: float, cur: float, threshold: Threshold | None, noise: float | None) -> str:
+    if base == cur:
+        return "unchanged"
+    if threshold is None:
+        return "not gated"
+    good_up = higher_is_better(metric)
+    worse = cur < base if good_up else cur > base
+    rel = abs(cur - base) / abs(base) if base else float("inf")
+    size = 100 * rel if threshold.relative else abs(cur - base)
+    if noise is not None and rel <= noise:
+        return "within noise"
+    if size <= threshold.limit:
+        return "within threshold"
+    return "regression" if worse else "improvement"
+
+
+def _env_text(row) -> str:
+    return ", ".join(f"{k[4:]} {get(row, k)}" for k in ("env_device", "env_torch", "env_timm", "env_cuda")
+                     if get(row, k) is not None) or str(get(row, "env_key"))
+
+
+def compare(baseline_df, current_df, thresholds: dict | None = None) -> Comparison:
+    """Compare two results frames trial by trial.
+
+    Args:
+        baseline_df, current_df: frames from `suite.store.load_results`.
+        thresholds: {metric: Threshold or None (off)} laid over DEFAULT_THRESHOLDS.
+    """
+    gates: dict[str, Threshold | None] = dict(DEFAULT_THRESHOLDS)
+    gates.update(thresholds or {})
+    metrics = [m for m in GATEABLE if gates.get(m) is not None]
+    axes = sorted(set(varying_axes(baseline_df)) | set(varying_axes(current_df)),
+                  key=AXES.index)
+    base = {}
+    for r in rows_of(baseline_df):
+        base.setdefault(str(get(r, "trial_id")), {})[str(get(r, "env_key"))] = r
+    cur = {}
+    for r in rows_of(current_df):
+        cur.setdefault(str(get(r, "trial_id")), {})[str(get(r, "env_key"))] = r
+    out = Comparison()
+
+    labels = {}
+    for tid in set(base) | set(cur):
+        any_row = next(iter((base.get(tid) or cur.get(tid)).values()))
+        labels[tid] = f"`{trial_label(any_row, axes)}` ({tid[:8]})"
+    for tid in sorted(labels, key=lambda t: (labels[t].replace("`", ""), t)):
+        b_envs, c_envs = base.get(tid, {}), cur.get(tid, {})
+        label = labels[tid]
+        if not b_envs:
+            out.only_in_current.append(label)
+            continue
+        if not c_envs:
+            out.only_in_baseline.append(label)
+            continue
+        common = sorted(set(b_envs) & set(c_envs))
+        if not common:
+            b, c = b_envs[sorted(b_envs)[0]], c_envs[sorted(c_envs)[0]]
+            out.env_mismatch.append(f"{label}: baseline {_env_text(b)} vs current {_env_text(c)}")
+            continue
+        for env in common:
+            b, c = b_envs[env], c_envs[env]
+            bs, cs = get(b, "status"), get(c, "status")
+            if bs != cs:
+                line = f"{label}: status {bs} → {cs}" + (f" ({get(c, 'reason')})" if get(c, "reason") else "")
+                out.status_changes.append(line)
+                if bs == "ok":  # it ran before and no longer does: the worst regression
+                    out.regressions.append(line)
+                continue
+            if bs != "ok":
+                continue
+            out.n_compared += 1
+            for metric in metrics:
+                xb, xc = num(get(b, metric)), num(get(c, metric))
+                if xb is None or xc is None:
+                    continue
+                noise = _noise(metric, b, c)
+                verdict = _judge(metric, xb, xc, gates[metric], noise)
+                change = Change(tid, label, metric, xb, xc, gates[metric], noise, verdict)
+                out.changes.append(change)
+                if verdict == "regression":
+                    out.regressions.append(f"{label}: {metric} {_fmt(metric, xb)} → {_fmt(metric, xc)} "
+                                           f"({change.change_text}, threshold {gates[metric].text})")
+    out.markdown = _markdown(out, gates)
+    return out
+
+
+def _fmt(metric: str, x: float) -> str:
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
+def _markdown(c: Comparison, gates: dict) -> str:
+    verdict = "FAIL" if c.exit_code else "PASS"
+    lines = [f"## Regression gate: {verdict}", ""]
+    lines.append(f"{c.n_compared} trials compared, {len(c.regressions)} regressions. Thresholds: "
+                 + ", ".join(f"`{m}` {t.text}" for m, t in gates.items() if t is not None)
+                 + "; a change within the two runs' combined step-time IQR is noise, not a regression.")
+    if c.n_compared == 0:
+        lines += ["", "**Nothing was compared**: no trial ran ok in both runs in the same environment, "
+                  "so this gate cannot pass."]
+    if c.regressions:
+        lines += ["", "### Regressions", ""] + [f"- {cell(r)}" for r in c.regressions]
+    for title, items in (("Environment differs (not compared)", c.env_mismatch),
+                         ("Status changed", [s for s in c.status_changes if s not in c.regressions]),
+                         ("Only in baseline", c.only_in_baseline), ("Only in current", c.only_in_current)):
+        if items:
+            lines += ["", f"### {title}", ""] + [f"- {cell(i)}" for i in items]
+    by_metric: dict[str, list[Change]] = {}
+    for ch in c.changes:
+        by_metric.setdefault(ch.metric, []).append(ch)
+    if by_metric:
+        body = []
+        for metric, changes in by_metric.items():
+            counts = {v: sum(ch.verdict == v for ch in changes) for v in ("regression", "improvement")}
+            rels = sorted(ch.current - ch.baseline if not ch.threshold.relative else (ch.rel_change or 0.0)
+                          for ch in changes)
+            worst = rels[0] if higher_is_better(metric) else rels[-1]
+            fmt = (lambda x: f"{100 * x:+.1f}%") if gates[metric].relative else (lambda x: f"{x:+.2f}")
+            body.append([f"`{metric}`", gates[metric].text, len(changes), fmt(statistics.median(rels)), fmt(worst),
+                         counts["regression"], counts["improvement"]])
+        lines += ["", "### Per metric", "",
+                  table(["metric", "threshold", "n", "median change", "worst change", "regressions", "improvements"],
+                        body, "llrrrrr")]
+    moved = [ch for ch in c.changes if ch.verdict in ("regression", "improvement")]
+    if moved:
+        lines += ["", "### Changes beyond threshold and noise", "", _change_table(moved, with_metric=True)]
+    if c.changes:
+        details = []
+        for metric, changes in by_metric.items():
+            details += [f"#### {metric}", "", _change_table(changes, with_metric=False), ""]
+        lines += ["", "<details><summary>Every compared value</summary>", ""] + details + ["</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def _change_table(changes: list[Change], *, with_metric: bool) -> str:
+    body = [[ch.label] + ([f"`{ch.metric}`"] if with_metric else [])
+            + [_fmt(ch.metric, ch.baseline), _fmt(ch.metric, ch.current), ch.change_text,
+               "—" if ch.noise is None else f"±{100 * ch.noise:.1f}%",
+               f"**{ch.verdict}**" if ch.verdict == "regression" else ch.verdict] for ch in changes]
+    heads = ["trial"] + (["metric"] if with_metric else []) + ["baseline", "current", "change", "noise", "verdict"]
+    return table(heads, body, "l" + ("l" if with_metric else "") + "rrrrl")
+
+
+def compare_paths(baseline_path: str | Path, current_path: str | Path, thresholds: dict | None = None) -> Comparison:
+    """Compare two results stores.
+
+    Thresholds, later winning: DEFAULT_THRESHOLDS, the current run's experiment `compare:` block,
+    then `thresholds` (e.g. parsed from the command line).
+    """
+    from suite.store import load_meta, load_results
+
+    gates: dict[str, Threshold | None] = {}
+    exp = load_meta(current_path).get("experiment") or {}
+    if isinstance(exp, dict) and exp.get("compare"):
+        gates.update(parse_thresholds(exp["compare"]))
+    gates.update(thresholds or {})
+    return compare(load_results(baseline_path), load_results(current_path), gates)

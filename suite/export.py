@@ -1,0 +1,320 @@
+"""Exports of a results store for other tools.
+
+    csv, parquet        every column of every row (parquet needs pyarrow)
+    timm-csv            timm's benchmark.py columns, so rows line up with timm's published CSVs
+    pytest-benchmark    a saved run that `pytest-benchmark compare` reads (one benchmark per ok trial
+                        and phase; see `_pytest_benchmark` for what each statistic means here)
+    open-clip-config    an open_clip model config ({embed_dim, vision_cfg}) of one trial, so the
+                        tower trains with open_clip as it was measured, plus the matching
+                        open_clip training flags in a `.train-args.txt` file beside it
+
+This module must stay light: no torch.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from suite.report import get, num, plain, rows_of, trial_label, varying_axes
+
+FORMATS = ("csv", "parquet", "timm-csv", "pytest-benchmark", "open-clip-config")
+DEFAULT_NAMES = {
+    "csv": "results.csv",
+    "parquet": "results.parquet",
+    "timm-csv": "results-timm.csv",
+    "pytest-benchmark": "results-pytest-benchmark.json",
+}
+# timm benchmark.py's columns (its published CSVs use these names, units and rounding).
+TIMM_COLUMNS = (
+    ("model", None), ("infer_img_size", None), ("infer_batch_size", None), ("infer_samples_per_sec", 2),
+    ("infer_step_time", 3), ("infer_gmacs", 2), ("param_count", 2), ("train_img_size", None),
+    ("train_batch_size", None), ("train_samples_per_sec", 2), ("train_step_time", 3), ("train_gmacs", 2),
+)
+# suite precision -> open_clip training --precision (the suite's bf16/fp16 are autocast).
+OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
+
+
+def _filter(df, trial_id: str | None):
+    if not trial_id:
+        return df
+    mask = [str(t).startswith(trial_id) for t in df["trial_id"]]
+    if not any(mask):
+        raise ValueError(f"no trial_id starts with {trial_id!r}; stored ids: {_some_ids(df)}")
+    return df[mask]
+
+
+def _some_ids(df) -> str:
+    ids = sorted({str(t) for t in df["trial_id"]})
+    return ", ".join(ids[:8]) + (f" (+{len(ids) - 8} more)" if len(ids) > 8 else "") if ids else "none"
+
+
+def _finished(df) -> str:
+    ends = [num(v) for v in df["finished_at"]] if "finished_at" in df.columns else []
+    ends = [e for e in ends if e is not None]
+    when = datetime.fromtimestamp(max(ends) if ends else 0, tz=timezone.utc)
+    return when.isoformat()
+
+
+# --- csv / parquet ---------------------------------------------------------------------------
+
+
+def _parquet_safe(df):
+    """Object columns holding several types (e.g. pretrained: bool or str) become JSON text."""
+    out = df.copy()
+    for name in out.columns:
+        if out[name].dtype != object:
+            continue
+        kinds = {type(plain(v)) for v in out[name] if plain(v) is not None}
+        if len(kinds - {int, float}) > 1 or (kinds & {int, float} and kinds - {int, float}):
+            out[name] = [None if plain(v) is None else json.dumps(plain(v)) for v in out[name]]
+    return out
+
+
+# --- timm-csv --------------------------------------------------------------------------------
+
+
+def _timm_rows(df) -> list[dict[str, Any]]:
+    """Ok trials only (timm drops failures too), fastest inference first as timm sorts."""
+    ok = [r for r in rows_of(df) if get(r, "status") == "ok"]
+    key = "infer_samples_per_sec" if any(num(get(r, "infer_samples_per_sec")) for r in ok) else "train_samples_per_sec"
+    ok.sort(key=lambda r: (-(num(get(r, key)) or 0.0), str(get(r, "trial_id"))))
+    axes = varying_axes(df)
+    out = []
+    for r in ok:
+        row = {}
+        for name, digits in TIMM_COLUMNS:
+            value = plain(get(r, name))
+            if isinstance(value, float) and digits is None and value.is_integer():
+                value = int(value)
+            elif digits is not None and num(value) is not None:
+                value = round(num(value), digits)
+            row[name] = value
+        # Several trials share a model (pool, proj, ...): these keep the rows apart.
+        row["trial_id"] = get(r, "trial_id")
+        row["config"] = " ".join(trial_label(r, axes).split(" ")[1:])
+        out.append(row)
+    return out
+
+
+# --- pytest-benchmark ------------------------------------------------------------------------
+
+STATS_NOTE = (
+    "Exported by timm-tower-suite, which stores the median step time and its IQR, not every step. "
+    "Times are seconds per step (one batch). median and iqr are measured; q1/q3 = median -/+ iqr/2 "
+    "(symmetric quartiles assumed); min/max and ld15iqr/hd15iqr are q1/q3 (the extremes were not "
+    "stored); mean = median; stddev = iqr/1.349 (normal-equivalent); rounds = timed iterations; "
+    "outlier counts unknown (0). Gate on median and iqr."
+)
+
+
+def _pytest_benchmark(df) -> dict[str, Any]:
+    envs = sorted({str(get(r, "env_key")) for r in rows_of(df)})
+    if len(envs) > 1:
+        raise ValueError(
+            f"the results hold {len(envs)} environments ({'; '.join(envs)}); a pytest-benchmark file describes "
+            "one machine: export each environment's results from its own store"
+        )
+    rows = rows_of(df)
+    axes = varying_axes(df)
+    first = rows[0] if rows else None
+    benchmarks = []
+    for r in rows:
+        if get(r, "status") != "ok":
+            continue
+        label = trial_label(r, axes)
+        for phase in ("infer", "train"):
+            med = num(get(r, f"{phase}_step_time"))
+            if med is None or med <= 0:
+                continue
+            med /= 1000.0
+            iqr = (num(get(r, f"{phase}_step_time_iqr")) or 0.0) / 1000.0
+            q1, q3 = max(med - iqr / 2, 0.0), med + iqr / 2
+            rounds = int(num(get(r, "iters")) or 1)
+            stats = {
+                "min": q1, "max": q3, "mean": med, "stddev": iqr / 1.349, "rounds": rounds, "median": med,
+                "iqr": iqr, "q1": q1, "q3": q3, "iqr_outliers": 0, "stddev_outliers": 0, "outliers": "0;0",
+                "ld15iqr": q1, "hd15iqr": q3, "ops": 1.0 / med, "total": med * rounds, "iterations": 1,
+            }
+            benchmarks.append({
+                "group": phase,
+                "name": f"{phase}[{label}]",
+                "fullname": f"suite::{get(r, 'model')}::{get(r, 'trial_id')}::{phase}",
+                "params": {a: plain(get(r, a)) for a in axes},
+                "param": label,
+                "extra_info": {
+                    "trial_id": get(r, "trial_id"),
+                    "samples_per_sec": num(get(r, f"{phase}_samples_per_sec")),
+                    "batch_size": plain(get(r, f"{phase}_batch_size")),
+                    "peak_mem_mib": num(get(r, f"{phase}_peak_mem_mib")),
+                    "note": STATS_NOTE,
+                },
+                "options": {"disable_gc": False, "timer": "suite (median step time)", "min_rounds": rounds,
+                            "max_time": None, "min_time": None, "warmup": plain(get(r, "warmup"))},
+                "stats": stats,
+            })
+    try:
+        from importlib.metadata import version
+
+        pb_version = version("pytest-benchmark")
+    except Exception:  # the format, not the package, matters; 4.x and 5.x read the same layout
+        pb_version = "4.0.0"
+
+    def env(name: str) -> Any:
+        return plain(get(first, name)) if first is not None else None
+
+    return {
+        "machine_info": {
+            "node": "", "processor": env("env_cpu") or "", "machine": "", "python_compiler": "",
+            "python_implementation": "CPython", "python_implementation_version": env("env_python") or "",
+            "python_version": env("env_python") or "", "python_build": [], "release": "",
+            "system": env("env_platform") or "",
+            "cpu": {"brand_raw": env("env_cpu") or "", "count": env("env_threads")},
+            "suite_env": {k: env(f"env_{k}") for k in ("device", "driver", "torch", "timm", "cuda", "cudnn")},
+        },
+        "commit_info": {"id": env("env_git_commit") or "unknown", "time": None, "author_time": None,
+                        "dirty": False, "project": "timm-tower-suite", "branch": "(unknown)"},
+        "benchmarks": benchmarks,
+        "datetime": _finished(df),
+        "version": pb_version,
+        "note": STATS_NOTE,
+    }
+
+
+# --- open-clip-config ------------------------------------------------------------------------
+
+
+def _chosen_trial(df, db_path: Path, trial_id: str | None):
+    if trial_id:
+        rows = rows_of(_filter(df, trial_id))
+        ids = sorted({str(get(r, "trial_id")) for r in rows})
+        if len(ids) > 1:
+            raise ValueError(f"trial_id prefix {trial_id!r} matches {len(ids)} trials ({', '.join(ids[:5])}); "
+                             "give more characters")
+    else:
+        from suite.select import apply_select, parse_select
+        from suite.store import load_meta
+
+        block = (load_meta(db_path).get("experiment") or {}).get("select")
+        if not block:
+            raise ValueError(f"{db_path}: the experiment has no select block, so there is no best trial; "
+                             "pass trial_id (see the report's tables)")
+        best = apply_select(df, parse_select(block)).best
+        if best is None:
+            raise ValueError(f"{db_path}: no trial meets the select block's constraints; pass trial_id")
+        rows = [best]
+    row = rows[0]
+    if get(row, "status") != "ok":
+        raise ValueError(f"trial {get(row, 'trial_id')} has status {get(row, 'status')} "
+                         f"({get(row, 'reason')}): export a trial that ran ok")
+    return row
+
+
+def open_clip_config(row) -> tuple[dict[str, Any], list[str]]:
+    """The open_clip model config of a trial, and the notes/flags that the config cannot hold."""
+    model, pretrained = str(get(row, "model")), plain(get(row, "pretrained"))
+    notes = []
+    timm_pretrained = False
+    if pretrained is True:
+        timm_pretrained = True
+    elif isinstance(pretrained, str) and pretrained:
+        if "/" in pretrained or "\\" in pretrained or pretrained.endswith((".pth", ".pt", ".bin", ".safetensors")):
+            notes.append(f"# measured with trunk weights from the file {pretrained}; the config cannot name a file: "
+                         "load them yourself (e.g. open_clip.create_model(..., pretrained_image_path=...))")
+        else:  # a hub tag: timm takes it as part of the model name
+            model, timm_pretrained = f"{model}.{pretrained}", True
+    drop_path, patch_drop = num(get(row, "drop_path")), num(get(row, "patch_drop"))
+    vision = {
+        "timm_model_name": model,
+        "timm_model_pretrained": timm_pretrained,
+        "timm_pool": str(get(row, "pool") if get(row, "pool") is not None else ""),
+        "timm_proj": str(get(row, "proj")),
+        "timm_proj_bias": bool(get(row, "proj_bias")),
+        "timm_drop": float(num(get(row, "drop")) or 0.0),
+        "timm_drop_path": drop_path,
+        "patch_dropout": float(patch_drop or 0.0),
+        "image_size": int(num(get(row, "image_size"))),
+    }
+    config = {"embed_dim": int(num(get(row, "embed_dim"))), "vision_cfg": vision}
+
+    flags = []
+    lock = num(get(row, "unlocked_groups"))
+    if lock is not None:  # None: not locked; 0: locked with no group unlocked
+        flags += ["--lock-image", f"--lock-image-unlocked-groups {int(lock)}"]
+        if get(row, "freeze_bn_stats"):
+            flags.append("--lock-image-freeze-bn-stats")
+    if get(row, "grad_checkpointing"):
+        flags.append("--grad-checkpointing")
+    precision = str(get(row, "precision"))
+    flags.append(f"--precision {OPEN_CLIP_PRECISION.get(precision, precision)}")
+    batch = num(get(row, "train_batch_size")) or num(get(row, "batch_size"))
+    if batch:
+        flags.append(f"--batch-size {int(batch)}")
+    if get(row, "compile"):
+        flags.append("--torchcompile")
+    if get(row, "channels_last"):
+        notes.append("# measured with channels_last memory format (open_clip training has no flag for it)")
+    return config, [" ".join(flags)] + notes
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def export(db_path: str | Path, fmt: str, out_path: str | Path | None = None, *, trial_id: str | None = None) -> Path:
+    """Write the results of a store in another tool's format.
+
+    Args:
+        db_path: results.sqlite or the folder that holds it.
+        fmt: one of FORMATS.
+        out_path: the file to write (default: beside the database).
+        trial_id: only trials whose id starts with this; for open-clip-config, the trial to export
+            (default: the select block's best).
+
+    Returns:
+        The path written.
+    """
+    from suite.store import load_results, resolve_path
+
+    if fmt not in FORMATS:
+        import difflib
+
+        close = difflib.get_close_matches(str(fmt), FORMATS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}{hint}")
+    db = resolve_path(db_path)
+    df = load_results(db)
+
+    if fmt == "open-clip-config":
+        row = _chosen_trial(df, db, trial_id)
+        out = Path(out_path) if out_path else db.parent / f"open_clip-{str(get(row, 'trial_id'))[:8]}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        config, extra = open_clip_config(row)
+        out.write_text(json.dumps(config, indent=4) + "\n")
+        axes = varying_axes(df)
+        args = out.with_name(out.stem + ".train-args.txt")
+        args.write_text(f"# open_clip training flags for trial {get(row, 'trial_id')} "
+                        f"({trial_label(row, axes)}), as it was measured\n" + "\n".join(extra) + "\n")
+        return out
+
+    df = _filter(df, trial_id)
+    out = Path(out_path) if out_path else db.parent / DEFAULT_NAMES[fmt]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "csv":
+        df.to_csv(out, index=False)
+    elif fmt == "parquet":
+        try:
+            _parquet_safe(df).to_parquet(out, index=False)
+        except ImportError as e:
+            raise ImportError(f"parquet export needs pyarrow: pip install 'timm-tower-suite[parquet]' ({e})") from None
+    elif fmt == "timm-csv":
+        import csv
+
+        rows = _timm_rows(df)
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[c for c, _ in TIMM_COLUMNS] + ["trial_id", "config"])
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == "pytest-benchmark":
+        out.write_text(json.dumps(_pytest_benchmark(df), indent=2) + "\n")
+    return out

@@ -1,0 +1,133 @@
+"""Exports: csv, parquet, timm-csv columns, pytest-benchmark (read by its real CLI), open_clip config."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from suite.export import TIMM_COLUMNS, _chosen_trial, export
+from suite.store import load_results
+from test_store import GPU, make_record, write_store
+
+SELECT = {"objective": "max probe_top1", "constraints": ["train_peak_mem_mib <= 900"]}
+
+
+@pytest.fixture
+def db(tmp_path) -> Path:
+    recs = [
+        make_record("test_vit", pool="token", proj="none", probe_top1=70.0, train_peak_mem_mib=500.0,
+                    unlocked_groups=1, freeze_bn_stats=True, grad_checkpointing=True, precision="bf16",
+                    drop_path=0.1, patch_drop=0.25, embed_dim=64, image_size=96, batch_size=16,
+                    train_batch_size=16, pretrained="augreg_in21k"),
+        make_record("test_vit", probe_top1=90.0, train_peak_mem_mib=2000.0),  # best probe, too much memory
+        make_record("test_resnet", pool="", infer_samples_per_sec=900.0, infer_gmacs=0.123456, param_count=1.23456),
+        make_record("test_convnext", "oom", "CUDA out of memory"),
+    ]
+    return write_store(tmp_path / "run" / "results.sqlite", recs, {"experiment": {"name": "t", "select": SELECT}})
+
+
+def test_csv_and_parquet_round_trip(db):
+    df = load_results(db)
+    out = export(db, "csv", None)
+    assert out == db.parent / "results.csv"
+    back = pd.read_csv(out)
+    assert len(back) == 4 and list(back.columns) == list(df.columns)
+    pq = export(db, "parquet", db.parent / "x.parquet")
+    back = pd.read_parquet(pq)
+    assert len(back) == 4 and list(back.columns) == list(df.columns)
+    # pretrained holds bools and strings: kept losslessly as JSON text in parquet.
+    assert sorted(back["pretrained"]) == ['"augreg_in21k"', "false", "false", "false"]
+    assert len(pd.read_csv(export(db, "csv", db.parent / "one.csv", trial_id=df["trial_id"][0][:6]))) == 1
+
+
+def test_timm_csv_columns(db):
+    out = export(db, "timm-csv", None)
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["model", "infer_img_size", "infer_batch_size", "infer_samples_per_sec",
+                             "infer_step_time", "infer_gmacs", "param_count", "train_img_size", "train_batch_size",
+                             "train_samples_per_sec", "train_step_time", "train_gmacs", "trial_id", "config"]
+    assert [c for c, _ in TIMM_COLUMNS] == list(rows[0])[:12]
+    assert len(rows) == 3  # ok trials only, as timm's CSVs
+    assert rows[0]["model"] == "test_resnet"  # fastest inference first, as timm sorts
+    assert rows[0]["infer_samples_per_sec"] == "900.0" and rows[0]["infer_gmacs"] == "0.12"
+    assert rows[0]["param_count"] == "1.23" and rows[0]["infer_batch_size"] == "32"
+    assert rows[0]["config"] == "pool=''"
+
+
+def test_pytest_benchmark_file_is_read_by_its_cli(db, tmp_path):
+    out = export(db, "pytest-benchmark", None)
+    data = json.loads(out.read_text())
+    assert len(data["benchmarks"]) == 6  # 3 ok trials x (infer, train)
+    bench = next(b for b in data["benchmarks"] if b["group"] == "train" and "test_resnet" in b["name"])
+    assert bench["stats"]["median"] == pytest.approx(0.320)  # 32,000 / 100 ms -> s
+    assert bench["stats"]["iqr"] == pytest.approx(0.0064) and bench["stats"]["mean"] == bench["stats"]["median"]
+    assert "mean = median" in bench["extra_info"]["note"]
+    cli = shutil.which("pytest-benchmark", path=str(Path(sys.executable).parent)) or shutil.which("pytest-benchmark")
+    assert cli, "pytest-benchmark's CLI is not installed"
+    again = export(db, "pytest-benchmark", tmp_path / "0002_current.json")  # e.g. baseline vs current
+    proc = subprocess.run([cli, "compare", str(out), str(again), "--columns=median,iqr,rounds", "--group-by=group"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "benchmark 'train'" in proc.stdout and "benchmark 'infer'" in proc.stdout
+    assert "train[test_resnet pool='']" in proc.stdout and "Median" in proc.stdout
+
+
+def test_pytest_benchmark_refuses_mixed_environments(tmp_path):
+    db = write_store(tmp_path / "results.sqlite", [make_record(), make_record(env=GPU)])
+    with pytest.raises(ValueError, match="2 environments"):
+        export(db, "pytest-benchmark", tmp_path / "x.json")
+
+
+def test_open_clip_config_of_the_select_best(db):
+    out = export(db, "open-clip-config", None)  # default: the select block's best
+    config = json.loads(out.read_text())
+    assert config == {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "timm_model_name": "test_vit.augreg_in21k", "timm_model_pretrained": True, "timm_pool": "token",
+            "timm_proj": "none", "timm_proj_bias": False, "timm_drop": 0.0, "timm_drop_path": 0.1,
+            "patch_dropout": 0.25, "image_size": 96,
+        },
+    }
+    args = out.with_name(out.stem + ".train-args.txt").read_text().splitlines()
+    assert args[1] == ("--lock-image --lock-image-unlocked-groups 1 --lock-image-freeze-bn-stats "
+                       "--grad-checkpointing --precision amp_bf16 --batch-size 16")
+    from open_clip.model import CLIPVisionCfg
+
+    cfg = CLIPVisionCfg(**config["vision_cfg"])
+    assert cfg.timm_model_name == "test_vit.augreg_in21k" and cfg.timm_pool == "token" and cfg.image_size == 96
+
+
+def test_open_clip_config_builds_the_measured_tower(db, tmp_path):
+    """The exported config builds open_clip's TimmModel with the measured head (random init here)."""
+    tid = load_results(db).query("model == 'test_resnet'")["trial_id"].iloc[0]
+    config = json.loads(export(db, "open-clip-config", tmp_path / "cfg.json", trial_id=tid[:8]).read_text())
+    assert config["vision_cfg"]["timm_pool"] == "" and config["vision_cfg"]["timm_model_pretrained"] is False
+    torch = pytest.importorskip("torch")
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    tower = _build_vision_tower(config["embed_dim"], CLIPVisionCfg(**config["vision_cfg"]))
+    with torch.no_grad():
+        out = tower(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, config["embed_dim"])
+
+
+def test_open_clip_config_errors(db):
+    with pytest.raises(ValueError, match="no trial_id starts with 'zzz'"):
+        export(db, "open-clip-config", None, trial_id="zzz")
+    df = load_results(db)
+    df["trial_id"] = ["abc1", "abc2", "xyz", "uvw"]
+    with pytest.raises(ValueError, match="trial_id prefix 'abc' matches 2 trials"):
+        _chosen_trial(df, db, "abc")
+    oom = load_results(db).query("status == 'oom'")["trial_id"].iloc[0]
+    with pytest.raises(ValueError, match="has status oom .*export a trial that ran ok"):
+        export(db, "open-clip-config", None, trial_id=oom)
+    with pytest.raises(ValueError, match="export format 'timm_csv' is not one of .*did you mean 'timm-csv'"):
+        export(db, "timm_csv", None)

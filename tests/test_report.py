@@ -1,0 +1,174 @@
+"""The markdown report: expected text for a small fixed table, purity, ablations, Pareto, plots."""
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from suite.report import ablation_effects, pareto_front, render, rows_of, write_report
+from suite.store import load_results
+from test_store import GPU, make_record, write_store
+
+SELECT = {"objective": "max probe_top1", "constraints": ["train_peak_mem_mib <= 900"], "top": 3}
+
+
+def fixed_records():
+    """test_vit: pool avg/token x checkpointing off/on; test_resnet: pool avg/'' (+ ckpt unsupported)."""
+    return [
+        make_record("test_vit", pool="token", train_samples_per_sec=100.0, train_peak_mem_mib=1000.0, probe_top1=60.0),
+        make_record("test_vit", pool="token", grad_checkpointing=True, train_samples_per_sec=77.0,
+                    train_peak_mem_mib=580.0, probe_top1=60.0),
+        make_record("test_vit", train_samples_per_sec=110.0, train_peak_mem_mib=1000.0, probe_top1=55.0),
+        make_record("test_vit", grad_checkpointing=True, train_samples_per_sec=85.0, train_peak_mem_mib=600.0,
+                    probe_top1=55.0),
+        make_record("test_resnet", train_samples_per_sec=300.0, train_peak_mem_mib=800.0, probe_top1=40.0),
+        make_record("test_resnet", "skipped", "test_resnet has no gradient checkpointing", grad_checkpointing=True),
+        make_record("test_resnet", pool="", train_samples_per_sec=310.0, train_step_time_iqr=40.0,
+                    train_peak_mem_mib=790.0, probe_top1=41.0),
+        make_record("test_convnext", "oom", "CUDA out of memory | tried 2 GiB"),
+    ]
+
+
+def frame(records) -> pd.DataFrame:
+    return pd.DataFrame([r.flat() for r in records])
+
+
+@pytest.fixture
+def text():
+    return render(frame(fixed_records()), {"experiment": {"name": "smoke", "select": SELECT}})
+
+
+def test_header_environment_and_weights(text):
+    assert text.startswith("# smoke: timm tower sweep\n")
+    assert "Date: 2023-11-14 22:13 UTC. **8 trials:** 6 ok, 1 skipped, 1 oom." in text
+    assert "- **Device:** cpu" in text and "torch 2.14.1, timm 1.0.31" in text and "AMD EPYC, 2 threads" in text
+    assert "**Weights:** random init (8 trials)" in text
+    assert "8 of 8 trials use randomly initialized weights" in text and "says nothing about how the pretrained" in text
+
+
+def test_recommendation_runner_ups_and_exclusions(text):
+    section = text.split("## Recommendation")[1].split("## Pareto")[0]
+    assert "Objective: **max probe_top1** subject to `train_peak_mem_mib <= 900`." in section
+    assert "**Recommended: `test_vit pool=token ckpt`**" in section
+    assert "| 1 | `test_vit pool=token ckpt` | 60.0 | 580 |" in section
+    assert "| 2 | `test_vit ckpt` | 55.0 | 600 |" in section
+    assert "| 3 | `test_resnet pool=''` | 41.0 | 790 |" in section
+    assert "1 more trial meets the constraints but ranks lower." in section
+    assert "| `test_vit` | train_peak_mem_mib = 1,000 fails train_peak_mem_mib <= 900 |" in section
+    assert "| `test_vit pool=token` | train_peak_mem_mib = 1,000 fails" in section
+    assert "2 trials did not run ok and were not considered" in section
+
+
+def test_constraints_that_exclude_everything_are_said_plainly():
+    meta = {"name": "x", "select": {"objective": "max probe_top1", "constraints": ["train_samples_per_sec >= 1e6"]}}
+    out = render(frame(fixed_records()), meta)
+    assert "**No trial meets the constraints:** all 6 trials that ran ok were excluded (2 did not run ok)" in out
+    assert "Recommended" not in out
+
+
+def test_no_or_invalid_select_block():
+    assert "No `select` block in the experiment, so no recommendation" in render(frame(fixed_records()), {})
+    bad = render(frame(fixed_records()), {"select": {"objective": "max speed"}})
+    assert "`select` block is invalid, so no recommendation: select.objective: unknown metric 'speed'" in bad
+
+
+def test_ablation_pairs_only_configs_that_differ_in_one_axis(text):
+    effects = {(e.axis, e.value): e for e in ablation_effects(frame(fixed_records()))}
+    ckpt = effects[("grad_checkpointing", True)]
+    assert ckpt.ref is False and ckpt.n == 2  # the resnet pair is out: its checkpointing trial was skipped
+    assert ckpt.medians["train_samples_per_sec"] == pytest.approx((77 / 100 + 85 / 110) / 2)
+    assert ckpt.medians["train_peak_mem_mib"] == pytest.approx((0.58 + 0.6) / 2)
+    token, nopool = effects[("pool", "token")], effects[("pool", "")]
+    assert token.ref == "avg" and token.n == 2 and token.medians["probe_top1"] == pytest.approx(5.0)
+    assert nopool.n == 1 and nopool.medians["train_samples_per_sec"] == pytest.approx(310 / 300)
+    assert "| grad_checkpointing | off → on | 2 | 0.77x | 1.00x | 0.59x | 1.00x | +0.0 pt |" in text
+    assert "| pool | avg → '' | 1 | 1.03x | 1.00x | 0.99x | 1.00x | +1.0 pt |" in text
+    assert "| pool | avg → token | 2 | 0.91x | 1.00x | 0.98x | 1.00x | +5.0 pt |" in text
+
+
+def test_pareto_front():
+    ok = [r for r in rows_of(frame(fixed_records())) if r["status"] == "ok"]
+    front = pareto_front(ok, "train_samples_per_sec", "probe_top1")
+    assert [(r["train_samples_per_sec"], r["probe_top1"]) for r in front] == [(310, 41), (110, 55), (100, 60)]
+    mem_front = pareto_front(ok, "train_samples_per_sec", "train_peak_mem_mib", max_y=False)
+    assert [r["train_samples_per_sec"] for r in mem_front] == [310, 85, 77]
+
+
+def test_pareto_section_text(text):
+    section = text.split("## Pareto fronts")[1].split("## Ablations")[0]
+    assert "**Probe top-1 vs throughput** (higher probe top-1 (%) and higher train img/s are better): " \
+           "3 of 6 ok trials are on the front." in section
+    assert "| `test_resnet pool=''` | 310 | 41.0 | 790 |" in section
+
+
+def test_failures_and_full_table(text):
+    failed = text.split("## Failed and skipped trials")[1].split("## All trials")[0]
+    assert "| skipped | test_resnet has no gradient checkpointing | 1 | `test_resnet ckpt` |" in failed
+    assert "| oom | CUDA out of memory \\| tried 2 GiB | 1 | `test_convnext` |" in failed  # pipe escaped
+    full = text.split("## All trials")[1]
+    assert ("| # | model | pool | ckpt | status | train img/s | infer img/s | train mem (MiB) | infer mem (MiB) |"
+            in full)
+    # Spread visible (±IQR/median), noisy timing flagged, pool '' readable.
+    assert "| test_resnet | '' | off | ok | 310 ±39% ⚠ | 300 ±2.0% | 790 | 300 | 1.5 | 10.0 / 20.0 | 41.0 |" in full
+    assert "| test_vit | token | on | ok | 77.0 ±2.0% | 300 ±2.0% | 580 |" in full
+    assert "| test_convnext | avg | off | oom | — | — | — |" in full
+    # Summary first, full table last.
+    assert text.index("## Recommendation") < text.index("## Ablations") < text.index("## All trials")
+
+
+def test_render_is_pure_and_order_free(tmp_path):
+    recs = fixed_records()
+    meta = {"experiment": {"name": "smoke", "select": SELECT}}
+    first = render(frame(recs), meta)
+    assert render(frame(recs), meta) == first
+    assert render(frame(recs[::-1]), meta) == first
+    assert render(frame(recs).sample(frac=1.0, random_state=3), meta) == first
+    # The same results read back from the store (other dtypes) give the same text.
+    assert render(load_results(write_store(tmp_path / "results.sqlite", recs)), meta) == first
+
+
+def test_several_environments_are_kept_apart():
+    recs = fixed_records() + [make_record("test_vit", env=GPU, train_samples_per_sec=5000.0)]
+    out = render(frame(recs), {"name": "x"})
+    assert "Results come from 2 environments" in out
+    assert "## Recommendation (NVIDIA H100 80GB HBM3)" in out and "## Recommendation (cpu)" in out
+    assert "- **Device:** NVIDIA H100 80GB HBM3, cpu (driver 570.86)" in out
+    assert "| device |" in out.split("## All trials")[1]
+
+
+def test_pretrained_weights_are_named():
+    out = render(frame([make_record(pretrained="laion2b_s34b_b88k"), make_record("test_resnet", pretrained=True)]), {})
+    assert "pretrained: `laion2b_s34b_b88k` (1 trial)" in out and "pretrained (timm default weights) (1 trial)" in out
+    assert "randomly initialized" not in out
+
+
+def test_empty_results():
+    out = render(frame([]).reindex(columns=list(make_record().flat())), {"name": "empty"})
+    assert "**No trials stored.**" in out
+
+
+def test_write_report_with_plots(tmp_path):
+    db = write_store(tmp_path / "run" / "results.sqlite", fixed_records(),
+                     {"experiment": {"name": "smoke", "select": SELECT}})
+    path = write_report(tmp_path / "run")
+    assert path == tmp_path / "run" / "report.md"
+    text = path.read_text()
+    links = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", text)
+    assert "report-accuracy-vs-throughput.png" in links and "report-effects.png" in links
+    assert "report-memory.png" in links
+    for link in links:
+        png = (path.parent / link).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+    custom = write_report(db, tmp_path / "out" / "pr.md", title="PR 12")
+    assert custom.read_text().startswith("# PR 12: timm tower sweep")
+    assert (tmp_path / "out" / "pr-effects.png").exists()
+
+
+def test_trials_differing_in_two_options_are_not_paired():
+    recs = [make_record(pool="avg"), make_record(pool="token", grad_checkpointing=True),
+            make_record(pool="token", root="/other/data")]  # differs in root too: no partner either
+    effects = ablation_effects(frame(recs))
+    assert {(e.axis, e.n) for e in effects} == {("pool", 0), ("grad_checkpointing", 0)}  # root is no axis
+    assert all(v is None for e in effects for v in e.medians.values())
+    assert "| pool | avg → token | 0 | — | — | — | — | — |" in render(frame(recs), {})

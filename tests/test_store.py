@@ -1,0 +1,209 @@
+"""The SQLite results store: round trips, upserts, environments, kill-safety, loading errors.
+
+`make_record` and `write_store` here are shared by the read-side tests (select, report, compare,
+export): they build records from the contract dataclasses directly, no torch involved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from suite.options import Trial
+from suite.records import Env, MeasureResult, ProbeResult, TrialRecord, field_names
+from suite.store import ResultStore, load_meta, load_results
+
+CPU = dict(env_device="cpu", env_torch="2.14.1", env_timm="1.0.31", env_cpu="AMD EPYC", env_threads=2,
+           env_python="3.11.7", env_platform="Linux")
+GPU = dict(CPU, env_device="NVIDIA H100 80GB HBM3", env_cuda="12.8", env_driver="570.86")
+
+_TRIAL = set(field_names(Trial))
+_MEASURE, _PROBE, _ENV = set(field_names(MeasureResult)), set(field_names(ProbeResult)), set(field_names(Env))
+
+
+def make_record(model: str = "test_vit", status: str = "ok", reason: str = "", *, env: dict | None = None,
+                finished_at: float = 1_700_000_000.0, **fields) -> TrialRecord:
+    """A TrialRecord from keyword fields, each routed to Trial, MeasureResult, ProbeResult or Env.
+
+    An ok record gets plausible results unless given: throughput 100/300 img/s with 2% step-time
+    IQR, 1000/300 MiB, probe top-1 50%.
+    """
+    unknown = set(fields) - _TRIAL - _MEASURE - _PROBE - _ENV
+    assert not unknown, f"make_record: unknown fields {unknown}"
+    if status == "ok":
+        train, infer = fields.get("train_samples_per_sec", 100.0), fields.get("infer_samples_per_sec", 300.0)
+        defaults = dict(
+            train_samples_per_sec=train, train_step_time=32_000.0 / train, train_step_time_iqr=640.0 / train,
+            infer_samples_per_sec=infer, infer_step_time=32_000.0 / infer, infer_step_time_iqr=640.0 / infer,
+            train_peak_mem_mib=1000.0, infer_peak_mem_mib=300.0, infer_gflops=1.5, train_mfu=0.1, infer_mfu=0.2,
+            train_batch_size=32, infer_batch_size=32, param_count=5.0, probe_top1=50.0,
+        )
+        fields = {**defaults, **fields}
+    pick = lambda names: {k: v for k, v in fields.items() if k in names}  # noqa: E731
+    return TrialRecord(
+        Trial(model=model, **pick(_TRIAL)), status, reason,
+        measure=MeasureResult(**pick(_MEASURE)), probe=ProbeResult(**pick(_PROBE)),
+        env=Env(**{**(env or CPU), **pick(_ENV)}), started_at=finished_at - 10, finished_at=finished_at,
+    )
+
+
+def write_store(path: Path, records, meta: dict | None = None) -> Path:
+    with ResultStore(path) as store:
+        for r in records:
+            store.write(r)
+        for k, v in (meta or {}).items():
+            store.set_meta(k, v)
+    return path
+
+
+def test_round_trip_keeps_types(tmp_path):
+    recs = [
+        make_record(pool="", pretrained="laion2b_s34b_b88k", unlocked_groups=0, infer_noisy=True, drop=0.1),
+        make_record("test_resnet", pretrained=True, grad_checkpointing=True, proj_bias=True, unlocked_groups=None),
+        make_record("test_convnext", "oom", "CUDA out of memory"),
+    ]
+    df = load_results(write_store(tmp_path / "r" / "results.sqlite", recs))
+    assert len(df) == 3
+    rows = {r.model: r for r in df.itertuples()}
+    vit, resnet, convnext = rows["test_vit"], rows["test_resnet"], rows["test_convnext"]
+    assert vit.pool == "" and resnet.pool == "avg"
+    assert vit.pretrained == "laion2b_s34b_b88k" and resnet.pretrained is True and convnext.pretrained is False
+    assert vit.unlocked_groups == 0 and resnet.unlocked_groups is None  # "locked, 0 unlocked" != "not locked"
+    assert df["grad_checkpointing"].dtype == bool and bool(resnet.grad_checkpointing)
+    assert vit.infer_noisy is True and convnext.infer_noisy is None
+    assert convnext.status == "oom" and convnext.reason == "CUDA out of memory"
+    assert vit.train_samples_per_sec == 100.0 and convnext.train_samples_per_sec != convnext.train_samples_per_sec
+    assert vit.trial_id == recs[0].trial.trial_id and vit.env_key == recs[0].env.key()
+    # Every column of TrialRecord.flat() is there, in its order.
+    assert list(df.columns) == list(recs[0].flat())
+
+
+def test_rewrite_replaces_and_envs_stay_apart(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with ResultStore(path) as store:
+        store.write(make_record(status="error", reason="boom"))
+        store.write(make_record(train_samples_per_sec=123.0))  # same trial, same env: replaces
+        store.write(make_record(train_samples_per_sec=999.0, env=GPU))  # another GPU: kept apart
+        cpu_key, gpu_key = Env(**CPU).key(), Env(**GPU).key()
+        tid = make_record().trial.trial_id
+        assert store.done_ids(cpu_key) == {tid} and store.done_ids(gpu_key) == {tid}
+        assert store.done_ids(cpu_key, statuses=["error"]) == set()
+        assert store.done_ids(cpu_key, statuses=["ok"]) == {tid}
+        assert store.done_ids("other|env") == set()
+        with pytest.raises(ValueError, match="unknown status 'okay'"):
+            store.done_ids(cpu_key, statuses=["okay"])
+    df = load_results(path)
+    assert len(df) == 2
+    assert sorted(df["train_samples_per_sec"]) == [123.0, 999.0]
+    assert set(df["status"]) == {"ok"}
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_invalid_status_is_refused(tmp_path):
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        with pytest.raises(ValueError, match="status 'failed' is not one of ok, skipped"):
+            store.write(make_record(status="failed"))
+        assert store.done_ids(Env(**CPU).key()) == set()
+
+
+def test_new_fields_become_new_columns(tmp_path):
+    @dataclasses.dataclass(frozen=True)
+    class FutureRecord(TrialRecord):
+        def flat(self):
+            return {**super().flat(), "future_metric": 1.5, "future_flag": True}
+
+    path = tmp_path / "results.sqlite"
+    with ResultStore(path) as store:
+        store.write(make_record("test_resnet"))
+        base = make_record()
+        store.write(FutureRecord(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}))
+    df = load_results(path)
+    assert list(df.columns[-2:]) == ["future_metric", "future_flag"]
+    row = df.set_index("model").loc["test_vit"]
+    assert row["future_metric"] == 1.5 and row["future_flag"] is True
+    assert df.set_index("model").loc["test_resnet", "future_flag"] is None
+
+
+def test_meta_round_trip(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with ResultStore(path) as store:
+        store.set_meta("experiment", {"name": "smoke", "select": {"objective": "max probe_top1"}})
+        store.set_meta("experiment", {"name": "smoke2"})  # replaces
+        assert store.get_meta("experiment") == {"name": "smoke2"}
+        assert store.get_meta("missing", 7) == 7
+        with pytest.raises(ValueError, match="meta 'bad': value must be JSON-serialisable"):
+            store.set_meta("bad", object())
+    assert load_meta(path) == {"experiment": {"name": "smoke2"}}
+
+
+def test_row_order_is_deterministic(tmp_path):
+    recs = [make_record(m, pool=p) for m in ("test_vit", "test_resnet") for p in ("avg", "max", "")]
+    frames = []
+    for i in range(2):
+        random.Random(i).shuffle(recs)
+        frames.append(load_results(write_store(tmp_path / f"{i}.sqlite", recs)))
+    assert frames[0].equals(frames[1])
+    assert list(frames[0]["model"]) == sorted(frames[0]["model"])
+
+
+def test_empty_store_loads_with_schema(tmp_path):
+    df = load_results(write_store(tmp_path / "results.sqlite", []))
+    assert len(df) == 0 and "train_samples_per_sec" in df.columns and "trial_id" in df.columns
+
+
+def test_folder_path_and_clear_errors(tmp_path):
+    write_store(tmp_path / "run" / "results.sqlite", [make_record()])
+    assert len(load_results(tmp_path / "run")) == 1  # the folder that holds results.sqlite
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.sqlite")):
+        load_results(tmp_path / "nope.sqlite")
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE x (a)").connection.commit()
+    with pytest.raises(ValueError, match=f"{other} is not a results store"):
+        load_results(other)
+    text = tmp_path / "notes.sqlite"
+    text.write_text("hello, not a database " * 100)
+    with pytest.raises(ValueError, match=f"{text} is not a results store"):
+        load_results(text)
+    assert not (tmp_path / "nope.sqlite").exists()  # reading never creates a file
+
+
+def test_committed_rows_survive_kill_9(tmp_path):
+    """A driver killed with SIGKILL right after writing loses nothing it committed."""
+    path = tmp_path / "results.sqlite"
+    here = Path(__file__).parent
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(here)!r})
+        from test_store import make_record
+        from suite.store import ResultStore
+        store = ResultStore({str(path)!r})
+        for model in ("test_vit", "test_resnet", "test_convnext"):
+            store.write(make_record(model))
+        print("written", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # no close(), no atexit, no flush of anything
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert "written" in proc.stdout
+    df = load_results(path)
+    assert sorted(df["model"]) == ["test_convnext", "test_resnet", "test_vit"]
+    # Resuming after the kill: the same trials rewrite in place, no duplicates.
+    with ResultStore(path) as store:
+        store.write(make_record("test_vit"))
+    assert len(load_results(path)) == 3
+
+
+def test_read_side_imports_no_torch():
+    code = ("import suite.report, suite.compare, suite.export, suite.store, suite.select, suite.plots, sys; "
+            "assert 'torch' not in sys.modules, 'torch imported'; assert 'matplotlib' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.returncode == 0, proc.stderr
