@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 # Pool names the tower understands. Whether a given trunk supports one is decided by the tower.
-POOLS = ("avg", "max", "avgmax", "token", "map", "", "abs_attn", "rot_attn")
-PROJS = ("linear", "mlp", "none")
+POOLS = ("avg", "max", "avgmax", "catavgmax", "token", "map", "", "abs_attn", "rot_attn")
+# "" (open_clip's `timm_proj: null`): the trunk's own classifier head, resized to embed_dim, is the projection;
+# "none": no projection, the trunk's pooled features pass through.
+PROJS = ("linear", "mlp", "none", "")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 MODES = ("both", "infer", "train")
@@ -76,8 +78,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", (str,), None, "timm model name, e.g. vit_base_patch16_224", "tower"),
     Option("embed_dim", (int,), 512, "output embedding width of the projection head", "tower"),
     Option("image_size", (int,), 224, "input resolution (square)", "tower"),
-    Option("pool", (str,), "avg", "pooling: avg|max|avgmax|token|map|''|abs_attn|rot_attn", "tower", POOLS),
-    Option("proj", (str,), "linear", "projection head: linear|mlp|none", "tower", PROJS),
+    Option("pool", (str,), "avg", "pooling: avg|max|avgmax|catavgmax|token|map|'' (trunk default)|abs_attn|rot_attn", "tower", POOLS),
+    Option("proj", (str,), "linear", "projection: linear|mlp|none (trunk features)|'' (the trunk's own head at embed_dim)", "tower", PROJS),
     Option("proj_bias", (bool,), False, "bias in the projection", "tower"),
     Option("drop", (float,), 0.0, "dropout before the projection", "tower"),
     Option("drop_path", (float,), None, "stochastic depth rate (models that accept it)", "tower", nullable=True),
