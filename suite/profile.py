@@ -1,0 +1,73 @@
+"""torch.profiler traces of one configuration, for TensorBoard's torch-tb-profiler plugin.
+
+    suite profile --model vit_base_patch16_224 --precision bf16 --logdir runs/prof
+    tensorboard --logdir runs/prof        # the PYTORCH_PROFILER tab
+
+The steps profiled are the very step functions `suite.measure` times, so a trace explains the
+numbers in a report rather than a look-alike loop.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def profile_trial(trial, logdir: str | Path, *, steps: int = 5, phase: str = "train", top: int = 15) -> str:
+    """Profile `steps` steps (after one warm-up step) and return a markdown table of the top operators.
+
+    Args:
+        trial: the configuration (a `suite.options.Trial`).
+        logdir: TensorBoard log folder; a `*.pt.trace.json` file is written below it.
+        steps: profiled steps.
+        phase: `infer` or `train`.
+        top: rows of the operator table (by self time).
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    from suite.measure import infer_step_fn, make_inputs, resolve_device, train_step_fn
+    from suite.tower import build_tower
+
+    if phase not in ("infer", "train"):
+        raise ValueError(f"phase: {phase!r} must be 'infer' or 'train'")
+    if steps < 1:
+        raise ValueError(f"steps: {steps} must be at least 1")
+    device = resolve_device(trial.device)
+    torch.manual_seed(trial.seed)
+    tower = build_tower(trial)
+    make_step = infer_step_fn if phase == "infer" else train_step_fn
+    step = make_step(tower, trial, device)
+    inputs = make_inputs(trial, device, trial.batch_size)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    logdir = Path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    worker = f"{trial.model}-{phase}-{trial.trial_id[:8]}"
+    with profile(
+        activities=activities,
+        schedule=schedule(wait=0, warmup=1, active=steps, repeat=1),
+        on_trace_ready=tensorboard_trace_handler(str(logdir), worker_name=worker),
+        record_shapes=True,
+        profile_memory=True,
+        with_stack=False,
+    ) as prof:
+        for _ in range(steps + 1):
+            step(inputs)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            prof.step()
+    return operator_table(prof.key_averages(), device == "cuda", top, title=f"{trial.label} · {phase} · {steps} steps · {device}")
+
+
+def operator_table(averages, device_time: bool, top: int, title: str) -> str:
+    """Markdown table of the operators with the most self time (CUDA time when on a GPU)."""
+    self_attr, total_attr = ("self_device_time_total", "device_time_total") if device_time else (
+        "self_cpu_time_total", "cpu_time_total")
+    events = list(averages)
+    total = sum(getattr(e, self_attr) for e in events) or 1.0
+    rows = sorted(events, key=lambda e: getattr(e, self_attr), reverse=True)[:top]
+    lines = [f"**Top operators by self {'CUDA' if device_time else 'CPU'} time** ({title})", "",
+             "| operator | calls | self time (ms) | share | total time (ms) |", "|---|---:|---:|---:|---:|"]
+    for e in rows:
+        self_us = getattr(e, self_attr)
+        lines.append(f"| `{e.key}` | {e.count} | {self_us / 1e3:.2f} | {self_us / total:.1%} | "
+                     f"{getattr(e, total_attr) / 1e3:.2f} |")
+    return "\n".join(lines) + "\n"
