@@ -1,0 +1,129 @@
+"""The device's measured dense matmul peak: the denominator of MFU.
+
+Vendor peak figures are not reachable for a CPU (they depend on cores, clocks and the ISA) and
+are optimistic for GPUs, so we measure: square matmuls at the trial's precision, as large as a
+short time budget allows, best of several repetitions. The figure is cached on disk per device
+name, precision, torch version and thread count (what changes it), so a sweep pays once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_MEMO: dict[str, float] = {}  # per process and folder, so repeated trials do not even read the file
+
+
+def _cache_key(device: str, precision: str) -> dict:
+    import torch
+
+    from suite.env import cpu_model, device_name
+
+    key = {
+        "device": device_name(device) if device == "cuda" else f"cpu: {cpu_model()}",
+        "precision": precision,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if precision == "fp32":
+        # TF32 ("high") changes the fp32 peak several-fold on NVIDIA GPUs.
+        key["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    return key
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_matmul(a, b, out, reps: int, device: str) -> float:
+    """Seconds for `reps` matmuls into a preallocated `out` (no allocation in the loop)."""
+    import torch
+
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b, out=out)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_peak_tflops(device: str, precision: str, *, budget_s: float = 1.5) -> float:
+    """Measure the dense matmul peak now (uncached).
+
+    Grows the matrix until one product takes about 1/30 of the budget (so it is compute bound),
+    then times repetitions until the budget is spent and keeps the best.
+
+    Args:
+        device: 'cpu' or 'cuda'.
+        precision: 'fp32', 'bf16' or 'fp16'.
+        budget_s: rough wall-time budget of the timed part.
+    """
+    import torch
+
+    dtype = getattr(torch, _DTYPES[precision])
+    max_n = 8192 if device == "cuda" else 4096
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        out = torch.empty(n, n, device=device, dtype=dtype)
+        _time_matmul(a, b, out, 1, device)  # first call: kernel selection, page faults
+        one = _time_matmul(a, b, out, 1, device)
+        if one >= budget_s / 30 or n >= max_n:
+            break
+        n *= 2
+    reps = max(1, int(budget_s / 10 / max(one, 1e-6)))  # each repetition ~ a tenth of the budget
+    best = one
+    deadline = time.perf_counter() + budget_s
+    for _ in range(10):
+        best = min(best, _time_matmul(a, b, out, reps, device) / reps)
+        if time.perf_counter() > deadline:
+            break
+    return 2 * n**3 / best / 1e12
+
+
+def device_peak_tflops(device: str, precision: str, *, cache_dir: str | Path | None = None) -> float:
+    """The device's dense matmul peak at `precision`, in TFLOP/s, measured once and cached.
+
+    Args:
+        device: 'cpu' or 'cuda' (already resolved, not 'auto').
+        precision: 'fp32', 'bf16' or 'fp16'.
+        cache_dir: where the JSON files go; default `suite.paths.cache_dir('roofline')`.
+    """
+    if precision not in _DTYPES:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(_DTYPES)}")
+    key = _cache_key(device, precision)
+    if cache_dir is None:
+        from suite.paths import cache_dir as default_cache_dir
+
+        cache_dir = default_cache_dir("roofline")
+    folder = Path(cache_dir)
+    blob = json.dumps(key, sort_keys=True)
+    memo = f"{folder.resolve()}|{blob}"
+    if memo in _MEMO:
+        return _MEMO[memo]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"peak-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            _MEMO[memo] = float(cached["tflops"])
+            return _MEMO[memo]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or unreadable: measure again
+    tflops = measure_peak_tflops(device, precision)
+    record = {"key": key, "tflops": tflops, "measured_at": time.time()}
+    # Write then rename: parallel workers never read a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+    _MEMO[memo] = tflops
+    return tflops

@@ -1,0 +1,273 @@
+"""The measurement engine on CPU with timm's tiny test models (and on CUDA behind the gpu marker)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import suite.measure as m
+from suite.measure import MemoryMeter, infer_step_fn, make_inputs, measure, resolve_device, time_steps, train_step_fn
+from suite.options import Trial
+from suite.tower import UnsupportedConfig, build_tower
+
+# Tiny and quick: the numbers are meaningless, the plumbing is what is checked.
+QUICK = dict(image_size=64, batch_size=4, warmup=1, iters=2, embed_dim=32)
+
+
+def trial(**kwargs) -> Trial:
+    return Trial(**{"model": "test_resnet", **QUICK, **kwargs})
+
+
+def tower_of(t: Trial, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_tower(t)
+
+
+@pytest.fixture(scope="module")
+def roofline(tmp_path_factory, one_thread):
+    """One device-peak cache for the module: the peak is measured once, not once per test."""
+    return tmp_path_factory.mktemp("roofline")
+
+
+@pytest.fixture(scope="module")
+def resnet_both(roofline):
+    return measure(trial(mode="both"), cache_dir=roofline)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP barriers under load make 2 threads ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- the record ------------------------------------------------------------------------------
+
+def test_record_fields_are_present_and_sane(resnet_both):
+    r = resnet_both
+    for phase in ("infer", "train"):
+        for name in ("samples_per_sec", "step_time", "gmacs", "gflops", "tflops", "mfu", "peak_mem_mib"):
+            value = getattr(r, f"{phase}_{name}")
+            assert value is not None and value > 0, f"{phase}_{name}={value}"
+        assert getattr(r, f"{phase}_step_time_iqr") >= 0
+        assert getattr(r, f"{phase}_batch_size") == 4
+        assert getattr(r, f"{phase}_img_size") == 64
+        assert isinstance(getattr(r, f"{phase}_noisy"), bool)
+        assert getattr(r, f"{phase}_gflops") == pytest.approx(2 * getattr(r, f"{phase}_gmacs"))
+        # samples/s and step time describe the same median
+        assert getattr(r, f"{phase}_samples_per_sec") == pytest.approx(4 / (getattr(r, f"{phase}_step_time") / 1e3))
+    assert 0 < r.trainable_param_count <= r.param_count
+    assert r.layer_groups and r.layer_groups > 0
+    assert r.feature_shape and "x" in r.feature_shape
+    assert r.grad_checkpointing_active is False
+    assert r.train_gmacs == pytest.approx(3 * r.infer_gmacs, rel=0.1)  # forward + backward
+    assert r.train_peak_mem_mib > r.infer_peak_mem_mib  # grads, optimizer state, saved activations
+    assert r.device_peak_tflops > 0 and r.mem_method.startswith("cpu rss high-water")
+    assert r.measured_time_s > 0 and r.compile_time_s is None
+    assert r.infer_peak_reserved_mib is None  # CUDA only
+
+
+def test_mode_leaves_the_other_phase_empty(roofline):
+    r = measure(trial(mode="infer", iters=1, warmup=0), cache_dir=roofline)
+    assert r.infer_samples_per_sec > 0
+    assert all(v is None for k, v in dataclasses.asdict(r).items() if k.startswith("train_"))
+
+
+def test_flops_are_counted_once_per_tower_configuration(resnet_both, roofline, monkeypatch):
+    import suite.flops
+
+    monkeypatch.setattr(suite.flops, "count_flops", lambda *a, **k: pytest.fail("FLOPs counted again"))
+    r = measure(trial(mode="both", batch_size=2, iters=1, warmup=0), cache_dir=roofline)
+    assert (r.infer_gmacs, r.train_gmacs) == (resnet_both.infer_gmacs, resnet_both.train_gmacs)
+    assert r.infer_batch_size == 2
+
+
+def test_roofline_is_cached(roofline, resnet_both):
+    from suite.roofline import _MEMO, device_peak_tflops
+
+    files = list(roofline.glob("peak-*.json"))
+    assert len(files) == 1 and '"precision": "fp32"' in files[0].read_text()
+    _MEMO.clear()  # as in a new process: read from disk, not measured again
+    assert device_peak_tflops("cpu", "fp32", cache_dir=roofline) == resnet_both.device_peak_tflops
+
+
+# --- what the tower's options change ---------------------------------------------------------
+
+def test_lock_lowers_trainable_params_and_training_flops(roofline):
+    results = [measure(trial(mode="train", iters=1, warmup=0, unlocked_groups=lock), cache_dir=roofline)
+               for lock in (None, 1, 0)]
+    trainable = [r.trainable_param_count for r in results]
+    train_gmacs = [r.train_gmacs for r in results]
+    assert trainable[0] > trainable[1] > trainable[2] > 0  # the head always trains
+    assert train_gmacs[0] > train_gmacs[1] > train_gmacs[2]
+    assert len({r.param_count for r in results}) == 1
+
+
+def test_grad_checkpointing_changes_nothing_numerically():
+    from suite.flops import count_flops
+
+    plain_trial, ckpt_trial = trial(model="test_vit"), trial(model="test_vit", grad_checkpointing=True)
+    plain, ckpt = tower_of(plain_trial), tower_of(ckpt_trial)
+    assert ckpt.grad_checkpointing and not plain.grad_checkpointing
+    x = make_inputs(plain_trial, "cpu", 4)
+    torch.testing.assert_close(infer_step_fn(plain, plain_trial, "cpu")(x), infer_step_fn(ckpt, ckpt_trial, "cpu")(x))
+    step_plain, step_ckpt = train_step_fn(plain, plain_trial, "cpu"), train_step_fn(ckpt, ckpt_trial, "cpu")
+    for _ in range(2):  # the second loss is after an optimizer step: equal only if the gradients were
+        torch.testing.assert_close(step_plain(x), step_ckpt(x))
+    # Model FLOPs: the recomputed forward is not counted (it shows as lower throughput instead).
+    assert count_flops(ckpt, x, train=True) == count_flops(plain, x, train=True)
+    assert ckpt.grad_checkpointing  # and counting left it on
+
+
+# --- how it is measured: precision, memory format --------------------------------------------
+
+def _record_inputs(tower) -> list[torch.Tensor]:
+    """Capture what the first convolution of the trunk receives and computes with."""
+    seen: list = []
+    conv = next(mod for mod in tower.trunk.modules() if isinstance(mod, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda mod, args, out: seen.append((args[0], mod.weight, out)))
+    return seen
+
+
+@pytest.mark.parametrize(
+    "precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_precision_is_applied_in_both_steps(precision, dtype):
+    t = trial(precision=precision)
+    tower = tower_of(t)
+    seen = _record_inputs(tower)
+    x = make_inputs(t, "cpu", 4)
+    out = infer_step_fn(tower, t, "cpu")(x)
+    assert out.dtype == dtype  # the linear projection ran under autocast
+    loss = train_step_fn(tower, t, "cpu")(x)
+    assert torch.isfinite(loss)
+    assert [o.dtype for _, _, o in seen] == [dtype, dtype]
+
+
+def test_precision_that_cannot_take_effect_is_unsupported(monkeypatch, roofline):
+    from contextlib import nullcontext
+
+    monkeypatch.setattr(m, "_FLOP_CACHE", {})  # the check runs with the FLOP count
+    monkeypatch.setattr(m, "_autocast", lambda device, dtype: nullcontext())  # autocast silently off
+    with pytest.raises(UnsupportedConfig, match="precision='bf16' did not take effect"):
+        measure(trial(precision="bf16", mode="infer", iters=1, warmup=0), cache_dir=roofline)
+
+
+def test_channels_last_is_applied():
+    t = trial(channels_last=True)
+    tower = tower_of(t)
+    seen = _record_inputs(tower)
+    x = make_inputs(t, "cpu", 4)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    infer_step_fn(tower, t, "cpu")(x)
+    train_step_fn(tower, t, "cpu")(x)
+    for inp, weight, _ in seen:
+        assert inp.is_contiguous(memory_format=torch.channels_last)
+        assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_inputs_are_fresh_random_images():
+    t = trial()
+    a, b = make_inputs(t, "cpu", 3), make_inputs(t, "cpu", 3)
+    assert a.shape == (3, 3, 64, 64) and a.dtype == torch.float32
+    assert a.std() > 0.5 and not torch.equal(a, b)
+
+
+def test_nothing_to_train_is_unsupported():
+    t = trial(mode="train")
+    tower = tower_of(t)
+    tower.requires_grad_(False)
+    with pytest.raises(UnsupportedConfig, match="no trainable parameters"):
+        train_step_fn(tower, t, "cpu")
+
+
+# --- timing and memory -----------------------------------------------------------------------
+
+def test_time_steps_runs_warmup_then_times_each_iteration():
+    calls = []
+    timing = time_steps(lambda x: calls.append(x), "batch", warmup=2, iters=5, device="cpu")
+    assert len(calls) == 7 and len(timing.times_ms) == 5
+    assert min(timing.times_ms) <= timing.median_ms <= max(timing.times_ms)
+    assert timing.iqr_ms >= 0
+    with pytest.raises(ValueError, match="iters=0"):
+        time_steps(lambda x: None, None, warmup=0, iters=0, device="cpu")
+
+
+def test_cpu_peak_is_per_phase_and_not_polluted_by_earlier_work():
+    meter = MemoryMeter("cpu")
+    if not meter.available:
+        pytest.skip(meter.method)
+    big = torch.ones(300 * 2**20 // 4)  # 300 MiB, touched, then freed before the phase
+    del big
+    meter.start()
+    small = torch.ones(40 * 2**20 // 4)  # 40 MiB inside the phase
+    peak, reserved = meter.peak_mib()
+    del small
+    assert 35 < peak < 150 and reserved is None
+
+
+# --- out of memory ---------------------------------------------------------------------------
+
+def _oom_above(monkeypatch, tower, limit: int):
+    """Make `tower` fail like an allocator would for batches above `limit`."""
+    forward = tower.forward
+
+    def failing(x):
+        if x.shape[0] > limit:
+            raise torch.OutOfMemoryError(f"simulated: batch {x.shape[0]} > {limit}")
+        return forward(x)
+
+    monkeypatch.setattr(tower, "forward", failing)
+
+
+def test_oom_with_auto_batch_size_backs_off_and_records_the_batch(monkeypatch, roofline):
+    t = trial(batch_size=16, auto_batch_size=True, iters=1, warmup=0)
+    tower = tower_of(t)
+    _oom_above(monkeypatch, tower, 5)
+    r = measure(t, tower=tower, cache_dir=roofline)
+    assert r.infer_batch_size == 4 and r.train_batch_size == 4  # 16 -> 8 -> 4
+    assert r.infer_samples_per_sec == pytest.approx(4 / (r.infer_step_time / 1e3))
+    assert "tower passed in" in r.mem_method
+
+
+def test_oom_without_auto_batch_size_raises(monkeypatch, roofline):
+    from suite.execute import classify
+
+    t = trial(batch_size=16, iters=1, warmup=0)
+    tower = tower_of(t)
+    _oom_above(monkeypatch, tower, 5)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        measure(t, tower=tower, cache_dir=roofline)
+    assert classify(info.value)[0] == "oom"  # what the sweep records
+
+
+# --- devices ---------------------------------------------------------------------------------
+
+def test_resolve_device():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UnsupportedConfig, match="device='cuda'"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_path(roofline):
+    r = measure(trial(device="cuda", precision="bf16", channels_last=True, iters=5), cache_dir=roofline)
+    assert r.infer_samples_per_sec > 0 and r.train_samples_per_sec > 0
+    assert r.mem_method.startswith("cuda")
+    assert r.train_peak_mem_mib > r.infer_peak_mem_mib > 0
+    assert r.train_peak_reserved_mib >= r.train_peak_mem_mib
+    assert 0 < r.infer_mfu < 1.5 and r.device_peak_tflops > 1
+
+
+def test_unused_trial_options_are_checked_before_work(roofline):
+    with pytest.raises(ValueError, match="batch_size=0"):
+        measure(trial(batch_size=0), cache_dir=roofline)
+    assert m.autocast_dtype(trial(precision="fp32"), "cpu") is None
