@@ -138,11 +138,20 @@ def count_flops(tower: torch.nn.Module, x: torch.Tensor, *, train: bool) -> int:
     """
     was_training = tower.training
     if not train:
+        # Parameters are switched to requires_grad=False rather than using no_grad or
+        # inference_mode: under those, a view of a parameter (e.g. the latent query of timm's
+        # attention pool, pool='map') still requires grad but has no grad_fn, and
+        # FlopCounterMode's module tracker fails on it. The FLOPs are the same.
+        params = [p for p in tower.parameters() if p.requires_grad]
         tower.eval()
         try:
-            with torch.inference_mode(), flop_counter() as counter:
+            for p in params:
+                p.requires_grad_(False)
+            with flop_counter() as counter:
                 tower(x)
         finally:
+            for p in params:
+                p.requires_grad_(True)
             tower.train(was_training)
         return int(counter.get_total_flops())
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # Pool names the tower understands. Whether a given trunk supports one is decided by the tower.
-POOLS = ("avg", "max", "avgmax", "catavgmax", "token", "map", "", "abs_attn", "rot_attn")
+POOLS = ("avg", "max", "avgmax", "token", "map", "", "abs_attn", "rot_attn")
 # "" (open_clip's `timm_proj: null`): the trunk's own classifier head, resized to embed_dim, is the projection;
 # "none": no projection, the trunk's pooled features pass through.
 PROJS = ("linear", "mlp", "none", "")
@@ -78,7 +78,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", (str,), None, "timm model name, e.g. vit_base_patch16_224", "tower"),
     Option("embed_dim", (int,), 512, "output embedding width of the projection head", "tower"),
     Option("image_size", (int,), 224, "input resolution (square)", "tower"),
-    Option("pool", (str,), "avg", "pooling: avg|max|avgmax|catavgmax|token|map|'' (trunk default)|abs_attn|rot_attn", "tower", POOLS),
+    Option("pool", (str,), "avg", "pooling: avg|max|avgmax|token|map|'' (trunk default)|abs_attn|rot_attn", "tower", POOLS),
     Option("proj", (str,), "linear", "projection: linear|mlp|none (trunk features)|'' (the trunk's own head at embed_dim)", "tower", PROJS),
     Option("proj_bias", (bool,), False, "bias in the projection", "tower"),
     Option("drop", (float,), 0.0, "dropout before the projection", "tower"),
@@ -137,13 +137,17 @@ def _trial_id(self) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Options a short label leaves out: how long or on what data it is measured, not what is measured.
+_UNLABELED = {"device", "mode", "warmup", "iters", "dataset", "root", "max_per_class", "knn", "seed", "skip_bad_images"}
+
+
 def _label(self) -> str:
-    """Short human label: model and the options that differ from the defaults."""
+    """Short human label: the model and the options (tower, precision, batch...) that differ from the defaults."""
     parts = [self.model]
     for o in OPTIONS[1:]:
         value = getattr(self, o.name)
-        if o.identity and value != o.default and o.name not in ("device",):
-            parts.append(f"{o.name}={value}")
+        if o.identity and value != o.default and o.name not in _UNLABELED:
+            parts.append(f"{o.name}={value!r}" if value == "" else f"{o.name}={value}")
     return " ".join(parts)
 
 

@@ -567,7 +567,8 @@ def probe_trial(trial, *, tower=None, device: str | None = None, cache_dir: str 
         knn = knn_accuracy(x_tr, y_tr, arrays["x_test"], arrays["y_test"])
     return ProbeResult(
         probe_top1=res.top1, probe_top5=res.top5, probe_balanced_accuracy=res.balanced_accuracy,
-        probe_C=res.C, probe_knn_top1=knn, probe_n_train=res.n_train, probe_n_val=res.n_val,
+        probe_C=res.C, probe_val_top1=res.val_top1, probe_solver=res.solver, probe_knn_top1=knn,
+        probe_n_train=res.n_train, probe_n_val=res.n_val,
         probe_n_test=res.n_test, probe_n_classes=res.n_classes, probe_extract_samples_per_sec=speed,
         probe_cache_hit=cached is not None, probe_skipped_images=splits.skipped,
         probe_time_s=time.perf_counter() - t0,

@@ -66,6 +66,8 @@ class ProbeResult:
     probe_top5: float | None = None  # percent; None with 5 classes or fewer
     probe_balanced_accuracy: float | None = None  # percent, mean per-class recall
     probe_C: float | None = None  # chosen on the validation split
+    probe_val_top1: float | None = None  # percent, validation accuracy at the chosen C
+    probe_solver: str | None = None  # which logistic-regression solver fitted it
     probe_knn_top1: float | None = None  # percent, cosine k=20
     probe_n_train: int | None = None
     probe_n_val: int | None = None

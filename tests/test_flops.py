@@ -99,3 +99,18 @@ def test_frozen_parameters_lower_training_flops():
     head_only = count_flops(model, x, train=True)
     forward = count_flops(model, x, train=False)
     assert forward < head_only < full
+
+
+def test_attention_latent_pool_counts_and_leaves_requires_grad_alone():
+    # pool='map' feeds a view of a parameter (the latent query) to a Linear; FLOP counting used
+    # to fail on it in inference mode.
+    from suite.flops import count_flops
+    from suite.tower import TimmTower
+
+    tower = TimmTower("test_vit", 16, image_size=64, pool="map")
+    tower.lock(unlocked_groups=1)
+    trainable = [p.requires_grad for p in tower.parameters()]
+    x = torch.randn(2, 3, 64, 64)
+    infer = count_flops(tower, x, train=False)
+    assert 0 < infer < count_flops(tower, x, train=True)
+    assert [p.requires_grad for p in tower.parameters()] == trainable

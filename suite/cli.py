@@ -1,0 +1,281 @@
+"""`suite`: a thin command line over the library.
+
+Each command is one library call. The flags of `bench`, `probe` and `profile` are derived from
+`suite.options.OPTIONS` (the same schema as the experiment files), never written twice.
+Exit codes: 0 success, 1 a failed trial or a regression, 2 bad input (nothing ran).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from suite.options import OPTIONS, Option, Trial
+
+EXIT_BAD_INPUT = 2
+
+
+# --- flags from the schema ------------------------------------------------------------------
+
+def _parse_value(option: Option, text: str):
+    """Turn a flag's text into the option's type; raise argparse.ArgumentTypeError with the fix."""
+    low = text.strip().lower()
+    if option.nullable and low in ("none", "null"):
+        return None
+    if bool in option.types and low in ("true", "yes", "1", "false", "no", "0"):
+        return low in ("true", "yes", "1")
+    for kind in (int, float):
+        if kind in option.types:
+            try:
+                return kind(text)
+            except ValueError:
+                if str not in option.types:
+                    raise argparse.ArgumentTypeError(f"{text!r} is not {option.type_name()}") from None
+    return text
+
+
+def add_option_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...], *, also: tuple[str, ...] = (),
+                     defaults: dict | None = None) -> None:
+    """One flag per option of the groups (and the options named in `also`), named, typed and documented by the schema."""
+    defaults = defaults or {}
+    for option in OPTIONS:
+        if option.group not in groups and option.name not in also:
+            continue
+        flag = "--" + option.name.replace("_", "-")
+        default = defaults.get(option.name, option.default)
+        names = [flag, *option.cli]
+        if option.types == (bool,):
+            parser.add_argument(*names, dest=option.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=option.help)
+            continue
+        kwargs = dict(dest=option.name, default=default, help=f"{option.help} (default: {default!r})",
+                      type=lambda text, o=option: _parse_value(o, text))
+        if option.name == "model":
+            kwargs.update(required=True, default=None, help=option.help)
+        if option.choices:
+            kwargs["choices"] = option.choices
+            kwargs["metavar"] = "{" + ",".join(c or "''" for c in option.choices) + "}"
+        parser.add_argument(*names, **kwargs)
+
+
+def trial_from_args(args: argparse.Namespace) -> Trial:
+    values = {o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)}
+    return Trial(**values)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def cmd_run(args) -> int:
+    from suite.sweep import run_experiment
+
+    summary = run_experiment(args.experiment, out=args.out, resume=args.resume, backend=args.backend,
+                             address=args.address, workers=args.workers, timeout_s=args.timeout,
+                             quiet=args.quiet, report=not args.no_report)
+    if summary.interrupted:
+        return 130
+    return 0 if summary.statuses.get("ok", 0) or not summary.ran else 1
+
+
+def cmd_validate(args) -> int:
+    from suite.sweep import default_out, known_problems
+    from suite.config import load_experiment
+
+    exp = load_experiment(args.experiment)
+    bad = known_problems(exp)
+    print(f"{exp.source}: experiment {exp.name!r}, {len(exp.trials)} trials"
+          f" over axes {', '.join(exp.axes) or '(none)'}; {len(bad)} known invalid before running")
+    for trial in exp.trials:
+        if trial.trial_id in bad:
+            print(f"  skip {trial.trial_id}  {trial.label}: {bad[trial.trial_id]}")
+    from suite.estimate import estimate_cost
+
+    print(estimate_cost(exp, Path(args.out) if args.out else default_out(exp), skip=set(bad)))
+    return 0
+
+
+def _check_model(trial: Trial) -> None:
+    from suite.config import check_models, Experiment
+
+    check_models(Experiment(name="cli", source="command line", trials=(trial,)))
+
+
+def cmd_bench(args) -> int:
+    from suite.execute import run_trial
+
+    trial = trial_from_args(args)
+    _check_model(trial)
+    record = run_trial(trial)
+    if args.json:
+        print(json.dumps(record.flat(), indent=2, default=str))
+    else:
+        from suite.show import show_record
+
+        show_record(record, phase="measure")
+    return 0 if record.status == "ok" else 1
+
+
+def cmd_probe(args) -> int:
+    from suite.execute import run_trial
+
+    trial = trial_from_args(args)
+    _check_model(trial)
+    from suite.data import check_dataset
+    from suite.probe import probe_trial
+    from suite.records import TrialRecord
+    from suite.execute import classify
+    from suite.env import capture_env
+    from suite.measure import resolve_device
+
+    check_dataset(trial)
+    device = resolve_device(trial.device)
+    try:
+        result = probe_trial(trial, device=device)
+        record = TrialRecord(trial, "ok", probe=result, env=capture_env(device))
+    except Exception as exc:  # noqa: BLE001 - shown as a record like any trial
+        record = TrialRecord(trial, *classify(exc), env=capture_env(device))
+    if args.json:
+        print(json.dumps(record.flat(), indent=2, default=str))
+    else:
+        from suite.show import show_record
+
+        show_record(record, phase="probe")
+    return 0 if record.status == "ok" else 1
+
+
+def cmd_report(args) -> int:
+    from suite.report import write_report
+
+    path = write_report(_results_path(args.results), args.output)
+    print(path)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from suite.compare import compare_paths, parse_thresholds
+
+    thresholds = parse_thresholds(args.threshold) if args.threshold else None
+    result = compare_paths(_results_path(args.baseline), _results_path(args.current), thresholds)
+    if args.output:
+        Path(args.output).write_text(result.markdown)
+    print(result.markdown)
+    return result.exit_code
+
+
+def cmd_export(args) -> int:
+    from suite.export import export
+
+    print(export(_results_path(args.results), args.format, args.output, trial_id=args.trial))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from suite.profile import profile_trial
+
+    trial = trial_from_args(args)
+    _check_model(trial)
+    print(profile_trial(trial, args.logdir, steps=args.steps, phase=args.phase))
+    return 0
+
+
+def _results_path(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        path = path / "results.sqlite"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no results database here (run `suite run EXP` first, or pass its --out DIR)")
+    return path
+
+
+# --- the parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from suite import __version__
+
+    parser = argparse.ArgumentParser(prog="suite", description="Benchmark and ablate timm models as CLIP vision towers.")
+    parser.add_argument("--version", action="version", version=f"suite {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run an experiment file: every trial, stored as it finishes, then the report")
+    p.add_argument("experiment", help="experiments/NAME.yaml")
+    p.add_argument("--out", help="output folder (default: runs/<experiment name>)")
+    p.add_argument("--resume", action="store_true", help="run only the trials not yet in the results database")
+    p.add_argument("--backend", choices=("local", "ray"), help="where trials run (default: the file's run.backend or local)")
+    p.add_argument("--address", help="Ray cluster address (with --backend ray)")
+    p.add_argument("--workers", type=int, help="local worker processes (one per GPU on multi-GPU machines)")
+    p.add_argument("--timeout", type=float, help="per-trial timeout in seconds")
+    p.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar (CI)")
+    p.add_argument("--no-report", action="store_true", help="do not write the markdown report at the end")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check an experiment file and list its trials known to be invalid")
+    p.add_argument("experiment")
+    p.add_argument("--out", help="where earlier results are, for the cost estimate")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("bench", help="measure one configuration (throughput, memory, FLOPs, MFU)")
+    add_option_flags(p, ("tower", "measure"))
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("probe", help="linear-probe one tower on a labeled data set")
+    add_option_flags(p, ("tower", "probe"), also=("device", "precision"), defaults={"dataset": "digits"})
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("report", help="write the markdown report of a results database")
+    p.add_argument("results", help="results.sqlite or the run folder")
+    p.add_argument("-o", "--output", help="report file (default: report.md beside the database)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="regression gate: exit 1 when CURRENT is worse than BASELINE beyond noise")
+    p.add_argument("baseline")
+    p.add_argument("current")
+    p.add_argument("--threshold", action="append", metavar="METRIC=CHANGE",
+                   help="e.g. train_samples_per_sec=-3%% or probe_top1=-0.5 (repeatable)")
+    p.add_argument("-o", "--output", help="also write the markdown table here")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="export results: csv, parquet, timm-csv, pytest-benchmark, open-clip-config")
+    p.add_argument("results")
+    p.add_argument("--format", required=True, choices=("csv", "parquet", "timm-csv", "pytest-benchmark", "open-clip-config"))
+    p.add_argument("-o", "--output", help="output file (default: beside the database)")
+    p.add_argument("--trial", help="trial_id (prefix) for open-clip-config (default: the select block's best)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("profile", help="torch.profiler traces of one configuration for TensorBoard")
+    add_option_flags(p, ("tower", "measure"))
+    p.add_argument("--logdir", required=True, help="TensorBoard log folder")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps (after one warm-up)")
+    p.add_argument("--phase", choices=("infer", "train"), default="train")
+    p.set_defaults(func=cmd_profile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from suite.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: results stored so far are kept; rerun with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""One trial, start to finish, turned into a record: the function every worker runs.
+
+A failure is a record, not a crash: a configuration that cannot run as asked is `skipped`, an
+out-of-memory is `oom`, any other exception is `error` with its one-line message. Whatever was
+measured before the failure (e.g. the probe) is kept in the record.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+from suite.records import MeasureResult, ProbeResult, TrialRecord
+
+
+def one_line(exc: BaseException) -> str:
+    """`TypeName: first line of the message`, short enough for a table cell."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line[:300]
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """Map an exception to (status, reason)."""
+    import torch
+
+    from suite.data import DatasetError
+    from suite.tower import UnsupportedConfig
+
+    if isinstance(exc, UnsupportedConfig):
+        return "skipped", str(exc).strip().splitlines()[0]
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "oom", one_line(exc)
+    if isinstance(exc, DatasetError):
+        return "error", str(exc).strip().splitlines()[0]
+    return "error", one_line(exc)
+
+
+def release_memory() -> None:
+    """Free what a trial left behind so the next trial in this worker starts clean."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_trial(trial, *, cache_dir: str | Path | None = None) -> TrialRecord:
+    """Probe (if the trial has a dataset), then measure; never raises for a trial's own failure.
+
+    The probe runs first, on a freshly built tower: measuring a training step changes the weights,
+    and the probe's feature cache assumes the untouched function.
+    """
+    from suite.env import capture_env
+    from suite.measure import measure, resolve_device
+
+    started = time.time()
+    probe, result = ProbeResult(), MeasureResult()
+    status, reason = "ok", ""
+    try:
+        device = resolve_device(trial.device)
+    except Exception as exc:  # e.g. cuda asked for on a machine without it
+        return TrialRecord(trial, "skipped", one_line(exc), started_at=started, finished_at=time.time())
+    env = capture_env(device)
+    try:
+        if trial.dataset != "none":
+            from suite.probe import probe_trial
+
+            probe = probe_trial(trial, device=device, cache_dir=_sub(cache_dir, "features"))
+            release_memory()
+        result = measure(trial, cache_dir=_sub(cache_dir, "roofline"))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a record
+        status, reason = classify(exc)
+    finally:
+        release_memory()
+    return TrialRecord(trial, status, reason, result, probe, env, started_at=started, finished_at=time.time())
+
+
+def _sub(cache_dir, name: str):
+    return None if cache_dir is None else Path(cache_dir) / name

@@ -1,0 +1,66 @@
+"""The CLI is derived from the schema: every option has its flag, parsed to the option's type."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from suite.cli import build_parser, trial_from_args
+from suite.options import OPTIONS, options_in
+
+
+def sub_parser(name: str):
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return action.choices[name]
+
+
+@pytest.mark.parametrize("command, groups", [("bench", ("tower", "measure")), ("profile", ("tower", "measure")),
+                                             ("probe", ("tower", "probe"))])
+def test_every_option_of_the_groups_has_a_flag(command, groups):
+    dests = {a.dest for a in sub_parser(command)._actions}
+    assert {o.name for o in options_in(*groups)} <= dests
+
+
+def test_flags_parse_to_the_schema_types():
+    args = build_parser().parse_args([
+        "bench", "--model", "test_vit", "--lock", "0", "--grad-checkpointing", "--pool", "token",
+        "--precision", "bf16", "--batch-size", "4", "--drop-path", "0.1", "--pretrained", "/tmp/w.safetensors",
+    ])
+    trial = trial_from_args(args)
+    assert trial.unlocked_groups == 0 and trial.grad_checkpointing is True and trial.batch_size == 4
+    assert trial.pool == "token" and trial.precision == "bf16" and trial.drop_path == 0.1
+    assert trial.pretrained == "/tmp/w.safetensors"
+    # defaults come from the schema
+    defaults = trial_from_args(build_parser().parse_args(["bench", "--model", "test_vit"]))
+    for option in options_in("tower", "measure"):
+        if option.name != "model":
+            assert getattr(defaults, option.name) == option.default, option.name
+    none = trial_from_args(build_parser().parse_args(["bench", "--model", "m", "--lock", "none", "--pretrained", "true"]))
+    assert none.unlocked_groups is None and none.pretrained is True
+
+
+def test_bad_flag_values_exit_2():
+    for argv in (["bench", "--model", "m", "--pool", "avgg"], ["bench", "--model", "m", "--batch-size", "x"]):
+        with pytest.raises(SystemExit) as info:
+            build_parser().parse_args(argv)
+        assert info.value.code == 2
+
+
+def test_import_suite_and_cli_help_do_not_import_torch():
+    code = ("import sys, suite, suite.cli, suite.config, suite.options, suite.records, suite.show, suite.estimate;"
+            "suite.cli.build_parser().format_help(); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unknown_model_is_bad_input():
+    proc = subprocess.run([sys.executable, "-m", "suite.cli", "bench", "--model", "resnet5O"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "'resnet5O' is not a timm model; did you mean 'resnet50'" in proc.stderr
+
+
+def test_all_options_documented():
+    for option in OPTIONS:
+        assert option.help and option.group in ("tower", "measure", "probe")
