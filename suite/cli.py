@@ -122,7 +122,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from suite.execute import run_trial
 
     trial = trial_from_args(args)
     _check_model(trial)

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from suite.compare import DEFAULT_THRESHOLDS, Threshold, compare, compare_paths, parse_thresholds
-from test_store import GPU, make_record, write_store
+from factories import GPU, make_record, write_store
 
 MODELS = ("test_vit", "test_resnet", "test_convnext")
 

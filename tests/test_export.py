@@ -13,7 +13,7 @@ import pytest
 
 from suite.export import TIMM_COLUMNS, _chosen_trial, export
 from suite.store import load_results
-from test_store import GPU, make_record, write_store
+from factories import GPU, make_record, write_store
 
 SELECT = {"objective": "max probe_top1", "constraints": ["train_peak_mem_mib <= 900"]}
 

@@ -8,7 +8,7 @@ import pytest
 
 from suite.report import ablation_effects, pareto_front, render, rows_of, write_report
 from suite.store import load_results
-from test_store import GPU, make_record, write_store
+from factories import GPU, make_record, write_store
 
 SELECT = {"objective": "max probe_top1", "constraints": ["train_peak_mem_mib <= 900"], "top": 3}
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from suite.select import Constraint, Select, apply_select, parse_select
-from test_store import make_record
+from factories import make_record
 
 
 def frame(*records) -> pd.DataFrame:
