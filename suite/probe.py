@@ -395,10 +395,16 @@ def extract_features(tower, loader, device: str, precision: str = "fp32",
 
 
 def _loader(dataset, batch_size: int, device: str):
+    """Batches of `dataset` for `extract_features`: an in-memory split preprocessed once when it
+    applies (`suite.data.in_memory_batches`: the same tensors without per-image overhead), else a
+    DataLoader over the per-image transform."""
     from torch.utils.data import DataLoader
 
-    from suite.data import FileImages
+    from suite.data import FileImages, in_memory_batches
 
+    fast = in_memory_batches(dataset, batch_size)
+    if fast is not None:
+        return fast
     # In-memory data sets decode in microseconds: worker processes would cost more than they save.
     # Files need decoding in parallel with the tower (leave one core to the tower).
     workers = min(8, max(1, (os.cpu_count() or 2) - 1)) if isinstance(dataset, FileImages) else 0

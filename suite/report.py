@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 from suite.options import OPTION_BY_NAME, OPTIONS
 from suite.records import STATUSES
+from suite.select import number
 
 # Short names for the few long option names in labels and table headers.
 SHORT = {"unlocked_groups": "lock", "grad_checkpointing": "ckpt", "freeze_bn_stats": "freeze_bn"}
@@ -42,15 +43,7 @@ DETAILS_AFTER = 10  # longer lists fold into <details> so the page stays scannab
 # --- values ----------------------------------------------------------------------------------
 
 
-def num(value: Any) -> float | None:
-    """A finite float, or None for missing (None, NaN, non-numbers, bools)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
+num = number  # a finite float, or None for missing (None, NaN, non-numbers, bools)
 
 
 def get(row, name: str) -> Any:

@@ -163,7 +163,7 @@ def parse_select(block: Any, *, where: str = "select") -> Select:
     return Select(metric, parts[0], parsed, top)
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
     """A finite float, or None for a missing value (None/NaN)."""
     if value is None or isinstance(value, bool):
         return None
@@ -179,12 +179,12 @@ def exclusion_reason(row, select: Select) -> str | None:
     if row.get("status") != "ok":
         reason = row.get("reason") or ""
         return f"status {row.get('status')}" + (f": {reason}" if reason else "")
-    value = _number(row.get(select.metric))
+    value = number(row.get(select.metric))
     if value is None:
         return f"{select.metric} not measured"
     failed = []
     for c in select.constraints:
-        x = _number(row.get(c.metric))
+        x = number(row.get(c.metric))
         if x is None:
             failed.append(f"{c.metric} not measured (needed for {c.text})")
         elif not c.holds(x):

@@ -22,13 +22,6 @@ def _model(name: str, device: str = "cpu", **kwargs) -> torch.nn.Module:
         return timm.create_model(name, pretrained=False, **kwargs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP barriers under load make 2 threads ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_GMACS))

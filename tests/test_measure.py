@@ -25,7 +25,7 @@ def tower_of(t: Trial, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def roofline(tmp_path_factory, one_thread):
+def roofline(tmp_path_factory, _one_torch_thread):
     """One device-peak cache for the module: the peak is measured once, not once per test."""
     return tmp_path_factory.mktemp("roofline")
 
@@ -35,13 +35,6 @@ def resnet_both(roofline):
     return measure(trial(mode="both"), cache_dir=roofline)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP barriers under load make 2 threads ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- the record ------------------------------------------------------------------------------

@@ -140,6 +140,26 @@ def test_extract_features_shapes():
         extract_features(Tower(), loader, "cpu", "int8")
 
 
+def test_in_memory_extraction_equals_per_image_path():
+    from torch.utils.data import DataLoader
+
+    from suite.data import PreparedBatches, eval_transform
+    from suite.probe import _loader
+    from suite.tower import build_tower
+
+    t = digits_trial(max_per_class=4)
+    torch.manual_seed(0)
+    tower = build_tower(t)
+    transform, _ = eval_transform(tower.trunk, t.image_size)
+    ds = load_splits(t, transform).train
+    loader = _loader(ds, 16, "cpu")
+    assert isinstance(loader, PreparedBatches)
+    fast, y_fast, sps = extract_features(tower, loader, "cpu")
+    slow, y_slow, _ = extract_features(tower, DataLoader(ds, batch_size=16), "cpu")
+    assert sps > 0 and fast.shape == (len(ds), tower(torch.zeros(1, 3, 32, 32)).shape[1])
+    assert np.array_equal(fast, slow) and np.array_equal(y_fast, y_slow)
+
+
 def test_cache_key_covers_what_changes_features():
     ident = "digits-v1"
     key = feature_cache_key(digits_trial(), ident, "cpu")[0]

@@ -31,14 +31,6 @@ PROJS = ("linear", "mlp", "none", None)  # None: open_clip's `timm_proj: null` (
 EMBED = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core runner OpenMP threads
-    # contending with other processes make each conv ~50x slower. Restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _size(model: str, pool: str) -> int:
