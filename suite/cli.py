@@ -75,7 +75,8 @@ def _console():
 def cmd_run(args) -> int:
     from suite.sweep import run_experiment
 
-    summary = run_experiment(args.experiment, out=args.out, resume=args.resume, backend=args.backend,
+    summary = run_experiment(args.experiment, out=args.out, resume=args.resume, retry_failed=args.retry_failed,
+                             backend=args.backend,
                              address=args.address, workers=args.workers, timeout_s=args.timeout,
                              quiet=args.quiet, report=not args.no_report)
     if summary.interrupted:
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiments/NAME.yaml")
     p.add_argument("--out", help="output folder (default: runs/<experiment name>)")
     p.add_argument("--resume", action="store_true", help="run only the trials not yet in the results database")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with resume: also rerun trials stored as oom, error, crashed or timeout")
     p.add_argument("--backend", choices=("local", "ray"), help="where trials run (default: the file's run.backend or local)")
     p.add_argument("--address", help="Ray cluster address (with --backend ray)")
     p.add_argument("--workers", type=int, help="local worker processes (one per GPU on multi-GPU machines)")

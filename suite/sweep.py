@@ -52,6 +52,7 @@ def run_experiment(
     *,
     out: str | Path | None = None,
     resume: bool = False,
+    retry_failed: bool = False,
     backend: str | None = None,
     address: str | None = None,
     workers: int | None = None,
@@ -62,6 +63,9 @@ def run_experiment(
     console=None,
 ) -> SweepSummary:
     """Run every trial of an experiment file (or, with `resume`, only those not yet stored).
+
+    With `retry_failed` (implies `resume`), trials stored as oom/error/crashed/timeout run again;
+    their new rows replace the old ones.
 
     Raises:
         ConfigError: the file is invalid; nothing has run.
@@ -84,7 +88,8 @@ def run_experiment(
     store = ResultStore(db_path)
     try:
         env = capture_env(resolve_device(exp.trials[0].device))
-        done = store.done_ids(env.key())
+        resume = resume or retry_failed
+        done = store.done_ids(env.key(), statuses=("ok", "skipped") if retry_failed else None)
         if done and not resume:
             raise FileExistsError(
                 f"{db_path} already holds {len(done)} result(s) of this environment; "

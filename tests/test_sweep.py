@@ -62,6 +62,15 @@ def test_sweep_with_two_workers_stores_every_trial_then_resume_runs_nothing(tmp_
     assert again.ran == 0 and again.reused == 5
     assert len(load_results(summary.db_path)) == 5
 
+    # --retry-failed reruns only the failures (here: a row marked as crashed) and replaces them
+    victim = by[("test_resnet", "avg")].trial_id
+    with sqlite3.connect(summary.db_path) as conn:
+        conn.execute("update trials set status = 'crashed' where trial_id = ?", (victim,))
+    retried = run_experiment(exp, out=out, retry_failed=True, quiet=True, report=False)
+    assert retried.ran == 1 and retried.statuses == {"ok": 1}
+    after = load_results(summary.db_path)
+    assert len(after) == 5 and set(after["status"]) == {"ok", "skipped"}
+
 
 def pd_isnull(value) -> bool:
     import pandas as pd
