@@ -67,6 +67,21 @@ def bench_classifier(args) -> None:
     print(f"  sklearn costs {per_iter * 1000:.0f} ms per lbfgs iteration on this problem")
 
 
+def raw_inference(tower, batch: int, size: int, args) -> float:
+    """Images/s of the tower alone: the same batch again and again, no data loading."""
+    import torch
+
+    xb = torch.randn(batch, 3, size, size, device=args.device)
+    with torch.inference_mode():
+        for _ in range(2):
+            tower(xb)
+        n_iter, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds:
+            tower(xb).cpu()
+            n_iter += 1
+    return n_iter * batch / (time.perf_counter() - t0)
+
+
 def bench_extraction(args) -> None:
     import torch
     from PIL import Image
@@ -91,19 +106,7 @@ def bench_extraction(args) -> None:
         tower = build_tower(trial).to(args.device).eval()
         transform, _ = eval_transform(tower.trunk, size)
 
-        def raw_inference() -> float:
-            """The same batch again and again: the tower alone, no data loading."""
-            xb = torch.randn(batch, 3, size, size, device=args.device)
-            with torch.inference_mode():
-                for _ in range(2):
-                    tower(xb)
-                n_iter, t0 = 0, time.perf_counter()
-                while time.perf_counter() - t0 < args.seconds:
-                    tower(xb).cpu()
-                    n_iter += 1
-            return n_iter * batch / (time.perf_counter() - t0)
-
-        raw_before = raw_inference()
+        raw_before = raw_inference(tower, batch, size, args)
         n_imgs = min(len(gray), max(4 * batch, int(raw_before * args.seconds)))
         ds = ArrayImages(gray[:n_imgs], digits.target[:n_imgs], transform, key=f"bench:{model}:{size}:{n_imgs}")
         # The per-image path (what extraction did before in-memory splits were preprocessed once).
@@ -117,7 +120,7 @@ def bench_extraction(args) -> None:
             _, y, sps = extract_features(tower, loader, args.device)
             n_done, elapsed = n_done + len(y), elapsed + len(y) / sps
         cached = n_done / elapsed
-        raw = (raw_before + raw_inference()) / 2
+        raw = (raw_before + raw_inference(tower, batch, size, args)) / 2
 
         # The same images as PNG files on disk, decoded by DataLoader workers.
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,10 +133,11 @@ def bench_extraction(args) -> None:
             _, _, disk = extract_features(tower, _loader(files, batch, args.device), args.device)
         print(f"{model} @ {size}px, batch {batch}, {n_imgs} digits: raw inference {raw:.0f} img/s "
               f"(before/after {raw_before:.0f}/{2 * raw - raw_before:.0f})")
-        print(f"  extraction from memory, per-image transforms (DataLoader): {stream:.0f} img/s ({stream / raw:.0%} of raw)")
-        print(f"  extraction from memory, preprocessed once, first trial:     {first:.0f} img/s ({first / raw:.0%} of raw)")
-        print(f"  extraction from memory, preprocessed once, later trials:    {cached:.0f} img/s ({cached / raw:.0%} of raw)")
-        print(f"  extraction from PNG files (DataLoader workers):             {disk:.0f} img/s ({disk / raw:.0%} of raw)")
+        for what, sps in (("from memory, per-image transforms (DataLoader)", stream),
+                          ("from memory, preprocessed once, first trial", first),
+                          ("from memory, preprocessed once, later trials", cached),
+                          ("from PNG files (DataLoader workers)", disk)):
+            print(f"  extraction {what + ':':<48} {sps:6.0f} img/s ({sps / raw:.0%} of raw)")
         print(f"  features equal to the per-image path: {np.array_equal(first_x, stream_x)}")
 
 

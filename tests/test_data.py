@@ -90,7 +90,7 @@ def _digits_with_transform(size: int, max_per_class: int = 3, **cfg):
 
 @pytest.mark.parametrize("size, cfg", [
     (40, {}),  # test_vit: bicubic, crop 0.95, mean/std 0.5
-    (24, dict(interpolation="bilinear", crop_pct=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))),
+    (24, {"interpolation": "bilinear", "crop_pct": 0.875, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}),
 ])
 def test_in_memory_batches_equal_per_image_transform(size, cfg):
     import torch
@@ -110,7 +110,7 @@ def test_in_memory_batches_equal_per_image_transform(size, cfg):
 
 
 def test_in_memory_cache_reuses_and_bounds_memory(monkeypatch):
-    import suite.data as data
+    from suite import data
 
     monkeypatch.setattr(data, "_prepared", type(data._prepared)())
     s32 = _digits_with_transform(32)
