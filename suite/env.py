@@ -62,13 +62,17 @@ def device_name(device: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def capture_env(device: str) -> Env:
-    """Describe this process's environment for results measured on `device` ('cpu' or 'cuda').
+    """Describe this process's environment for results measured on `device` ('cpu', 'cuda' or 'auto').
 
-    Cached per process: versions and hardware do not change while it runs.
+    Cached per process: versions and hardware do not change while it runs. 'auto' is resolved as
+    the trials resolve it, so records the runner makes itself (crashed, timeout) for an 'auto'
+    sweep on a GPU get the GPU's environment, not a phantom 'cpu' one.
     """
     import timm
     import torch
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = device == "cuda"
     driver = None
     if cuda:

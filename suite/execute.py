@@ -22,14 +22,13 @@ def one_line(exc: BaseException) -> str:
 
 def classify(exc: BaseException) -> tuple[str, str]:
     """Map an exception to (status, reason)."""
-    import torch
-
     from suite.data import DatasetError
+    from suite.measure import is_oom
     from suite.tower import UnsupportedConfig
 
     if isinstance(exc, UnsupportedConfig):
         return "skipped", str(exc).strip().splitlines()[0]
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+    if is_oom(exc):
         return "oom", one_line(exc)
     if isinstance(exc, DatasetError):
         return "error", str(exc).strip().splitlines()[0]

@@ -359,6 +359,20 @@ def _settle() -> None:
 
 # --- one phase, with optional batch back-off --------------------------------------------------
 
+# Allocation failures that are not `torch.OutOfMemoryError`: the CPU allocator raises a plain
+# RuntimeError ("DefaultCPUAllocator: can't allocate memory" / "not enough memory"), and cuBLAS
+# reports a failed workspace allocation as a status code.
+_OOM_MESSAGES = ("defaultcpuallocator", "can't allocate memory", "not enough memory", "out of memory",
+                 "cublas_status_alloc_failed")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether `exc` is an out-of-memory failure, on any device (Python's MemoryError included)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
 @dataclass(frozen=True)
 class _Phase:
     batch_size: int
@@ -396,8 +410,8 @@ def _run_phase_fitting(phase: str, tower, trial, device: str, meter: MemoryMeter
     while True:
         try:
             return _run_phase(phase, tower, trial, device, batch, meter)
-        except torch.OutOfMemoryError:
-            if not trial.auto_batch_size or batch <= 1:
+        except Exception as exc:  # noqa: BLE001 - the CPU allocator's OOM is a plain RuntimeError
+            if not is_oom(exc) or not trial.auto_batch_size or batch <= 1:
                 raise
         # Outside the except block: the traceback (and the tensors its frames hold) is gone.
         tower.zero_grad(set_to_none=True)

@@ -130,9 +130,17 @@ def _trial_fields():
     return fields
 
 
+def _canonical(option: Option, value: Any) -> Any:
+    """`value` as hashed: an integer given for a float option (YAML `drop: 0`) counts as that float,
+    so it names the same trial as `0.0` from the CLI or the default (the dataclass already equates them)."""
+    if option.types == (float,) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def _trial_id(self) -> str:
     """Stable hash of everything that changes what the trial measures."""
-    ident = {o.name: getattr(self, o.name) for o in OPTIONS if o.identity}
+    ident = {o.name: _canonical(o, getattr(self, o.name)) for o in OPTIONS if o.identity}
     blob = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -35,6 +35,14 @@ def test_trial_fields_are_exactly_the_schema():
     assert trial.trial_id == Trial(model="test_vit", probe_batch_size=7).trial_id
 
 
+def test_an_integer_for_a_float_option_names_the_same_trial():
+    # YAML `drop: 0` is an int; the CLI's --drop 0 and the default are 0.0: one configuration, one id.
+    exp = parse_experiment({"name": "x", "grid": {"model": "test_vit", "drop": [0, 1], "drop_path": 0}})
+    assert exp.trials[0].trial_id == Trial(model="test_vit", drop=0.0, drop_path=0.0).trial_id
+    assert exp.trials[1].trial_id == Trial(model="test_vit", drop=1.0, drop_path=0.0).trial_id
+    assert Trial(model="test_vit", drop_path=None).trial_id != Trial(model="test_vit", drop_path=0.0).trial_id
+
+
 def test_grid_expands_with_include_and_exclude():
     exp = parse_experiment({
         "name": "x", "device": "cpu", "measure": {"iters": 3},

@@ -204,12 +204,19 @@ def test_cpu_peak_is_per_phase_and_not_polluted_by_earlier_work():
 
 # --- out of memory ---------------------------------------------------------------------------
 
-def _oom_above(monkeypatch, tower, limit: int):
+# What torch's CPU allocator raises: a plain RuntimeError, not torch.OutOfMemoryError.
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+           "you tried to allocate 1125899906842624 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def _oom_above(monkeypatch, tower, limit: int, error=None):
     """Make `tower` fail like an allocator would for batches above `limit`."""
     forward = tower.forward
 
     def failing(x):
         if x.shape[0] > limit:
+            if error is not None:
+                raise error
             raise torch.OutOfMemoryError(f"simulated: batch {x.shape[0]} > {limit}")
         return forward(x)
 
@@ -235,6 +242,27 @@ def test_oom_without_auto_batch_size_raises(monkeypatch, roofline):
     with pytest.raises(torch.OutOfMemoryError) as info:
         measure(t, tower=tower, cache_dir=roofline)
     assert classify(info.value)[0] == "oom"  # what the sweep records
+
+
+def test_cpu_allocator_failure_is_an_oom_and_backs_off(monkeypatch, roofline):
+    from suite.execute import classify
+
+    t = trial(batch_size=16, auto_batch_size=True, iters=1, warmup=0)
+    tower = tower_of(t)
+    _oom_above(monkeypatch, tower, 5, error=RuntimeError(CPU_OOM))
+    r = measure(t, tower=tower, cache_dir=roofline)
+    assert r.infer_batch_size == 4 and r.train_batch_size == 4
+    assert classify(RuntimeError(CPU_OOM))[0] == "oom"
+    assert classify(MemoryError())[0] == "oom"
+    assert classify(RuntimeError("boom"))[0] == "error"
+
+
+def test_other_errors_do_not_back_off(monkeypatch, roofline):
+    t = trial(batch_size=16, auto_batch_size=True, iters=1, warmup=0)
+    tower = tower_of(t)
+    _oom_above(monkeypatch, tower, 5, error=RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        measure(t, tower=tower, cache_dir=roofline)
 
 
 # --- devices ---------------------------------------------------------------------------------
