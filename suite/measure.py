@@ -532,8 +532,26 @@ def measure(trial, *, tower: torch.nn.Module | None = None, cache_dir: str | Pat
     device = resolve_device(trial.device)
     dtype = autocast_dtype(trial, device)
 
-    with _frozen_gc():
+    with _frozen_gc(), _strict_fp32(trial, device):
         return _measure(trial, tower, device, dtype, cache_dir)
+
+
+@contextmanager
+def _strict_fp32(trial, device: str) -> Iterator[None]:
+    """precision='fp32' on CUDA means fp32: TF32 convolutions and matmuls are switched off.
+
+    cuDNN allows TF32 by default, so fp32 convolutions on Ampere and newer would silently run
+    at TF32, faster than the strict-fp32 peak that MFU divides by, and the record would say fp32.
+    """
+    if device != "cuda" or trial.precision != "fp32":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _measure(trial, tower, device: str, dtype, cache_dir) -> MeasureResult:

@@ -292,3 +292,15 @@ def test_unused_trial_options_are_checked_before_work(roofline):
     with pytest.raises(ValueError, match="batch_size=0"):
         measure(trial(batch_size=0), cache_dir=roofline)
     assert m.autocast_dtype(trial(precision="fp32"), "cpu") is None
+
+
+def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
+    # cuDNN allows TF32 by default; "fp32" trials must not silently run convolutions at TF32.
+    from suite.measure import _strict_fp32
+
+    torch.backends.cudnn.allow_tf32 = True
+    with _strict_fp32(trial(precision="fp32"), "cuda"):
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.allow_tf32
+    with _strict_fp32(trial(precision="bf16"), "cuda"):
+        assert torch.backends.cudnn.allow_tf32  # autocast precisions are left alone
