@@ -112,40 +112,36 @@ def cmd_bench(args) -> int:
 
     trial = trial_from_args(args)
     _check_model(trial)
-    record = run_trial(trial)
-    if args.json:
-        print(json.dumps(record.flat(), indent=2, default=str))
-    else:
-        from suite.show import show_record
-
-        show_record(record, phase="measure")
-    return 0 if record.status == "ok" else 1
+    return _print_record(run_trial(trial), args.json, phase="measure")
 
 
 def cmd_probe(args) -> int:
+    from suite.data import check_dataset
+    from suite.env import capture_env
+    from suite.execute import classify
+    from suite.measure import resolve_device
+    from suite.probe import probe_trial
+    from suite.records import TrialRecord
 
     trial = trial_from_args(args)
     _check_model(trial)
-    from suite.data import check_dataset
-    from suite.probe import probe_trial
-    from suite.records import TrialRecord
-    from suite.execute import classify
-    from suite.env import capture_env
-    from suite.measure import resolve_device
-
     check_dataset(trial)
     device = resolve_device(trial.device)
     try:
-        result = probe_trial(trial, device=device)
-        record = TrialRecord(trial, "ok", probe=result, env=capture_env(device))
+        record = TrialRecord(trial, "ok", probe=probe_trial(trial, device=device), env=capture_env(device))
     except Exception as exc:  # noqa: BLE001 - shown as a record like any trial
         record = TrialRecord(trial, *classify(exc), env=capture_env(device))
-    if args.json:
+    return _print_record(record, args.json, phase="probe")
+
+
+def _print_record(record, as_json: bool, phase: str) -> int:
+    """The record as JSON or a table; exit code 0 only when the trial ran as configured."""
+    if as_json:
         print(json.dumps(record.flat(), indent=2, default=str))
     else:
         from suite.show import show_record
 
-        show_record(record, phase="probe")
+        show_record(record, phase=phase)
     return 0 if record.status == "ok" else 1
 
 

@@ -64,3 +64,44 @@ def test_unknown_model_is_bad_input():
 def test_all_options_documented():
     for option in OPTIONS:
         assert option.help and option.group in ("tower", "measure", "probe")
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "suite.cli", *argv], capture_output=True, text=True, timeout=300)
+
+
+def test_bench_and_probe_print_records_as_json():
+    import json
+
+    tiny = ["--model", "test_vit", "--image-size", "64", "--embed-dim", "16", "--device", "cpu"]
+    bench = run_cli("bench", *tiny, "--batch-size", "4", "--warmup", "1", "--iters", "2", "--lock", "0", "--json")
+    assert bench.returncode == 0, bench.stderr
+    row = json.loads(bench.stdout)
+    assert row["status"] == "ok" and row["unlocked_groups"] == 0 and row["infer_batch_size"] == 4
+    assert row["trainable_param_count"] < row["param_count"]  # the flag reached the tower
+    probe = run_cli("probe", *tiny, "--max-per-class", "15", "--json")
+    assert probe.returncode == 0, probe.stderr
+    row = json.loads(probe.stdout)
+    assert row["status"] == "ok" and row["dataset"] == "digits" and row["probe_n_classes"] == 10
+    skipped = run_cli("bench", *tiny, "--pool", "abs_attn", "--json")
+    assert skipped.returncode == 1 and json.loads(skipped.stdout)["status"] == "skipped"
+
+
+def test_report_compare_export_over_a_store(tmp_path):
+    from factories import make_record, write_store
+
+    base = write_store(tmp_path / "base" / "results.sqlite", [make_record(), make_record("test_resnet")])
+    slow = write_store(tmp_path / "slow" / "results.sqlite",
+                       [make_record(train_samples_per_sec=70.0), make_record("test_resnet")])
+    assert run_cli("compare", str(base.parent), str(base.parent)).returncode == 0
+    worse = run_cli("compare", str(base.parent), str(slow.parent))
+    assert worse.returncode == 1 and "train_samples_per_sec" in worse.stdout
+    lenient = run_cli("compare", str(base.parent), str(slow.parent), "--threshold", "train_samples_per_sec=-50%")
+    assert lenient.returncode == 0, lenient.stdout
+    report = run_cli("report", str(base.parent))
+    assert report.returncode == 0 and (base.parent / "report.md").exists()
+    out = tmp_path / "timm.csv"
+    assert run_cli("export", str(base), "--format", "timm-csv", "-o", str(out)).returncode == 0
+    assert out.read_text().startswith("model,")
+    missing = run_cli("report", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "nowhere" in missing.stderr
