@@ -91,6 +91,9 @@ def run_trial(trial, *, cache_dir: str | Path | None = None) -> TrialRecord:
             from suite.probe import probe_trial
 
             probe = probe_trial(trial, device=device, cache_dir=_sub(cache_dir, "features"))
+        import torch
+
+        torch.manual_seed(trial.seed)  # the same random-init weights as the probe's tower
         result = measure(trial, cache_dir=_sub(cache_dir, "roofline"))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a record
         status, reason = classify(exc)

@@ -112,7 +112,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_per_class", (int,), None, "cap images per class (quick runs)", "probe", nullable=True),
     Option("probe_batch_size", (int,), 64, "batch size of feature extraction", "probe", identity=False),
     Option("knn", (bool,), False, "also report cosine kNN (k=20) accuracy", "probe"),
-    Option("seed", (int,), 0, "seed of splits and the classifier", "probe"),
+    Option("seed", (int,), 0, "seed of random-init weights, data splits and the classifier", "probe"),
     Option("skip_bad_images", (bool,), False, "skip unreadable images instead of failing", "probe"),
 )
 

@@ -105,3 +105,14 @@ def test_report_compare_export_over_a_store(tmp_path):
     assert out.read_text().startswith("model,")
     missing = run_cli("report", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+def test_readme_option_table_matches_the_schema():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for option in OPTIONS:
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{option.name}` |")), None)
+        assert row is not None, f"README's option table lacks {option.name}"
+        assert f"| {option.group} |" in row
+        assert option.help.replace("|", "\\|") in row, f"README's help for {option.name} is stale"
