@@ -94,6 +94,7 @@ def run_trials_ray(
     progress: bool = True,
     console=None,
     env_fn: str | None = DEFAULT_ENV_FN,
+    label=None,
 ) -> TrialResults:
     """Run trials as Ray tasks; the arguments and result are those of `suite.runner.run_trials`.
 
@@ -118,7 +119,8 @@ def run_trials_ray(
         options = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
         slots = max(1, gpus if use_gpu else int(resources.get("CPU", 1)))
         where = f", Ray cluster: {slots} {'GPU' if use_gpu else 'CPU'} slot(s)"
-        with Reporter(len(trials), progress=progress, console=console, where=where, parallel=slots) as reporter:
+        with Reporter(len(trials), progress=progress, console=console, where=where, parallel=slots,
+                  label=label) as reporter:
             if trials:
                 try:
                     with sigterm_as_interrupt():

@@ -177,10 +177,12 @@ _STYLE = {"ok": "green", "skipped": "yellow", "oom": "magenta", "error": "red", 
 class Reporter:
     """A rich progress bar with ETA and a line per finished trial, or plain lines (`progress=False`)."""
 
-    def __init__(self, total: int, *, progress: bool, console=None, where: str = "", parallel: int = 1):
+    def __init__(self, total: int, *, progress: bool, console=None, where: str = "", parallel: int = 1,
+                 label: Callable | None = None):
         from rich.console import Console
 
         self.total, self.done, self.where, self.parallel = total, 0, where, parallel
+        self.label = label or (lambda trial: trial.label)
         self.console = console or Console()
         self.start = time.time()
         self.bar = None
@@ -211,7 +213,7 @@ class Reporter:
         self.done += 1
         seconds = (record.finished_at or 0) - (record.started_at or 0) if record.started_at else 0.0
         self.print(f"[{self.done}/{self.total}] ", (f"{record.status:<7}", _STYLE.get(record.status, "")),
-                   f" {record.trial.label}  {_details(record)}  ({seconds:.1f} s)")
+                   f" {self.label(record.trial)}  {_details(record)}  ({seconds:.1f} s)")
         if self.bar is not None:
             self.bar.advance(self.task)
 
@@ -518,6 +520,7 @@ def run_trials(
     progress: bool = True,
     console=None,
     env_fn: str | None = DEFAULT_ENV_FN,
+    label: Callable | None = None,
 ) -> TrialResults:
     """Run trials in worker processes (or Ray tasks) and return their records as they finish.
 
@@ -534,6 +537,7 @@ def run_trials(
         console: the rich Console to print to (default: a new one on stdout).
         env_fn: `module:function(device) -> Env` run once per worker, for the environment of the
             records the driver makes itself (crashed, timeout); None leaves those with `Env()`.
+        label: how a trial is named in the live lines (default `trial.label`).
 
     Returns:
         The records in the order they finished. When interrupted (Ctrl-C, SIGTERM) the run stops
@@ -563,14 +567,16 @@ def run_trials(
         from suite.ray_backend import run_trials_ray
 
         return run_trials_ray(trials, fn=fn, fn_kwargs=fn_kwargs, address=address, timeout_s=timeout_s,
-                              on_result=on_result, progress=progress, console=console, env_fn=env_fn)
+                              on_result=on_result, progress=progress, console=console, env_fn=env_fn,
+                              label=label)
     if address is not None:
         raise ValueError(f"address={address!r} is only used with backend='ray'; add --backend ray or drop --address")
 
     slot_envs, threads, where = _worker_environments(workers, trials)
     results = TrialResults()
     start = time.time()
-    with Reporter(len(trials), progress=progress, console=console, where=where, parallel=workers) as reporter:
+    with Reporter(len(trials), progress=progress, console=console, where=where, parallel=workers,
+                  label=label) as reporter:
         if trials:
             try:
                 with sigterm_as_interrupt():

@@ -28,6 +28,18 @@ def default_out(exp: Experiment) -> Path:
     return Path(exp.run.get("out") or Path("runs") / exp.name)
 
 
+def axes_label(exp: Experiment):
+    """Name trials by the model and the options this experiment sweeps, not by its fixed settings."""
+    axes = [a for a in exp.axes if a != "model"]
+
+    def label(trial) -> str:
+        parts = [trial.model] + [f"{a}={getattr(trial, a)!r}" if getattr(trial, a) == "" else f"{a}={getattr(trial, a)}"
+                                 for a in axes]
+        return " ".join(parts)
+
+    return label
+
+
 def known_problems(exp: Experiment) -> dict[str, str]:
     """trial_id -> reason, for trials that cannot run as configured (checked without running them)."""
     from suite.data import check_dataset
@@ -127,6 +139,7 @@ def run_experiment(
             on_result=keep,
             progress=not quiet,
             console=console,
+            label=axes_label(exp),
         )
         wall = time.time() - start
     finally:
