@@ -145,10 +145,17 @@ def _print_record(record, as_json: bool, phase: str) -> int:
     return 0 if record.status == "ok" else 1
 
 
+def _results(text: str) -> Path:
+    """The results database named by a file or a run folder (FileNotFoundError, exit 2, if none)."""
+    from suite.store import resolve_path
+
+    return resolve_path(text)
+
+
 def cmd_report(args) -> int:
     from suite.report import write_report
 
-    path = write_report(_results_path(args.results), args.output)
+    path = write_report(_results(args.results), args.output)
     print(path)
     return 0
 
@@ -157,7 +164,7 @@ def cmd_compare(args) -> int:
     from suite.compare import compare_paths, parse_thresholds
 
     thresholds = parse_thresholds(args.threshold) if args.threshold else None
-    result = compare_paths(_results_path(args.baseline), _results_path(args.current), thresholds)
+    result = compare_paths(_results(args.baseline), _results(args.current), thresholds)
     if args.output:
         Path(args.output).write_text(result.markdown)
     print(result.markdown)
@@ -167,7 +174,7 @@ def cmd_compare(args) -> int:
 def cmd_export(args) -> int:
     from suite.export import export
 
-    print(export(_results_path(args.results), args.format, args.output, trial_id=args.trial))
+    print(export(_results(args.results), args.format, args.output, trial_id=args.trial))
     return 0
 
 
@@ -178,15 +185,6 @@ def cmd_profile(args) -> int:
     _check_model(trial)
     print(profile_trial(trial, args.logdir, steps=args.steps, phase=args.phase))
     return 0
-
-
-def _results_path(text: str) -> Path:
-    path = Path(text)
-    if path.is_dir():
-        path = path / "results.sqlite"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no results database here (run `suite run EXP` first, or pass its --out DIR)")
-    return path
 
 
 # --- the parser ----------------------------------------------------------------------------------

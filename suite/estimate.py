@@ -11,11 +11,11 @@ def estimate_cost(exp, out_dir: Path, skip: set[str] = frozenset()) -> str:
     trials of the same model, else the median of all earlier trials. Without earlier results
     there is nothing honest to say, and the line says so.
     """
-    db = out_dir / "results.sqlite"
+    from suite.store import DEFAULT_NAME, load_results
+
+    db = out_dir / DEFAULT_NAME
     if not db.exists():
         return f"cost estimate: no earlier results at {db} (run once to get estimates)"
-    from suite.store import load_results
-
     df = load_results(db)
     df = df[df["finished_at"].notna() & df["started_at"].notna()]
     if df.empty:

@@ -11,13 +11,7 @@ import time
 from pathlib import Path
 
 from suite.records import MeasureResult, ProbeResult, TrialRecord
-
-
-def one_line(exc: BaseException) -> str:
-    """`TypeName: first line of the message`, short enough for a table cell."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return line[:300]
+from suite.runner import one_line  # the same one-line reason the runner gives its own records
 
 
 def classify(exc: BaseException) -> tuple[str, str]:

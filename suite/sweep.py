@@ -89,12 +89,12 @@ def run_experiment(
     from suite.execute import run_trial
     from suite.measure import resolve_device
     from suite.runner import run_trials
-    from suite.store import ResultStore
+    from suite.store import DEFAULT_NAME, ResultStore
 
     console = console or Console(stderr=True, quiet=False)
     exp = load_experiment(path)
     out_dir = Path(out) if out else default_out(exp)
-    db_path = out_dir / "results.sqlite"
+    db_path = out_dir / DEFAULT_NAME
     skipped = known_problems(exp)
 
     store = ResultStore(db_path)
