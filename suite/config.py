@@ -27,21 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from suite.errors import ConfigError, suggest  # noqa: F401 - ConfigError re-exported
 from suite.options import OPTION_BY_NAME, OPTIONS, Trial, options_in
 
 SECTIONS = ("name", "description", "measure", "probe", "grid", "include", "exclude", "select", "compare", "run")
 RUN_KEYS = {"timeout_s": (int, float), "workers": (int,), "backend": (str,), "address": (str,), "out": (str,)}
 BACKENDS = ("local", "ray")
-
-
-class ConfigError(ValueError):
-    """One or more problems in an experiment file; `problems` lists them, the message shows all."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -61,11 +52,6 @@ class Experiment:
     def axes(self) -> list[str]:
         """Options that take more than one value across the trials."""
         return [o.name for o in OPTIONS if len({repr(getattr(t, o.name)) for t in self.trials}) > 1]
-
-
-def suggest(name: str, valid) -> str:
-    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _check_value(path: str, name: str, value: Any, problems: list[str]) -> None:

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from suite.errors import DatasetError  # noqa: F401 - re-exported
+
 # The same extensions torchvision's ImageFolder accepts; other files (READMEs, .DS_Store) are ignored.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_NAMES = ("train", "val", "test")
@@ -50,10 +52,6 @@ SYNTHETIC_PER_CLASS = 100
 # The full digits at 224 px take 90 MB; a split that would not fit streams instead.
 PREPARED_BUDGET_BYTES = 1 << 30
 _MAX_LISTED = 5  # bad paths named in one error message
-
-
-class DatasetError(ValueError):
-    """The probe data cannot be used as given; the message names the path and the fix."""
 
 
 @dataclass

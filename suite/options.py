@@ -123,11 +123,8 @@ def options_in(*groups: str) -> tuple[Option, ...]:
     return tuple(o for o in OPTIONS if o.group in groups)
 
 
-def _trial_fields():
-    fields = [("model", str)]  # the only required option
-    for o in OPTIONS[1:]:
-        fields.append((o.name, Any, dataclasses.field(default=o.default)))
-    return fields
+def _default(name: str) -> Any:
+    return OPTION_BY_NAME[name].default
 
 
 def _canonical(option: Option, value: Any) -> Any:
@@ -138,44 +135,72 @@ def _canonical(option: Option, value: Any) -> Any:
     return value
 
 
-def _trial_id(self) -> str:
-    """Stable hash of everything that changes what the trial measures."""
-    ident = {o.name: _canonical(o, getattr(self, o.name)) for o in OPTIONS if o.identity}
-    blob = json.dumps(ident, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def sha256_json(obj: Any, length: int = 16) -> str:
+    """A short stable hash of a JSON-able value (keys sorted; other objects by `str`)."""
+    blob = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One configuration to measure: a tower, how it is measured, and the probe.
+
+    The fields are exactly `OPTIONS`, in order, with the schema's defaults (a test checks the two
+    agree); see `OPTIONS` for what each means.
+    """
+
+    model: str
+    # the tower
+    embed_dim: int = _default("embed_dim")
+    image_size: int = _default("image_size")
+    pool: str = _default("pool")
+    proj: str = _default("proj")
+    proj_bias: bool = _default("proj_bias")
+    drop: float = _default("drop")
+    drop_path: float | None = _default("drop_path")
+    patch_drop: float | None = _default("patch_drop")
+    pretrained: bool | str = _default("pretrained")
+    unlocked_groups: int | None = _default("unlocked_groups")
+    freeze_bn_stats: bool = _default("freeze_bn_stats")
+    grad_checkpointing: bool = _default("grad_checkpointing")
+    # how it is measured
+    device: str = _default("device")
+    precision: str = _default("precision")
+    batch_size: int = _default("batch_size")
+    auto_batch_size: bool = _default("auto_batch_size")
+    channels_last: bool = _default("channels_last")
+    compile: bool = _default("compile")
+    mode: str = _default("mode")
+    warmup: int = _default("warmup")
+    iters: int = _default("iters")
+    noise_threshold: float = _default("noise_threshold")
+    # the linear probe
+    dataset: str = _default("dataset")
+    root: str | None = _default("root")
+    max_per_class: int | None = _default("max_per_class")
+    probe_batch_size: int = _default("probe_batch_size")
+    knn: bool = _default("knn")
+    seed: int = _default("seed")
+    skip_bad_images: bool = _default("skip_bad_images")
+
+    @property
+    def trial_id(self) -> str:
+        """Stable hash of everything that changes what the trial measures."""
+        return sha256_json({o.name: _canonical(o, getattr(self, o.name)) for o in OPTIONS if o.identity})
+
+    @property
+    def label(self) -> str:
+        """Short human label: the model and the identity options that differ from the defaults."""
+        from suite.rows import trial_label
+
+        return trial_label(self, [o.name for o in OPTIONS[1:] if o.identity and o.name not in _UNLABELED])
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 # Options a short label leaves out: how long or on what data it is measured, not what is measured.
 _UNLABELED = {"device", "mode", "warmup", "iters", "dataset", "root", "max_per_class", "knn", "seed", "skip_bad_images"}
-
-
-def _label(self) -> str:
-    """Short human label: the model and the options (tower, precision, batch...) that differ from the defaults."""
-    parts = [self.model]
-    for o in OPTIONS[1:]:
-        value = getattr(self, o.name)
-        if o.identity and value != o.default and o.name not in _UNLABELED:
-            parts.append(f"{o.name}={value!r}" if value == "" else f"{o.name}={value}")
-    return " ".join(parts)
-
-
-def _as_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-# One frozen record per grid point; its fields are exactly OPTIONS, in order.
-Trial = dataclasses.make_dataclass(
-    "Trial",
-    _trial_fields(),
-    frozen=True,
-    namespace={
-        "trial_id": property(_trial_id),
-        "label": property(_label),
-        "as_dict": _as_dict,
-        "__doc__": "One configuration to measure: a tower, how it is measured, and the probe. Fields: OPTIONS.",
-        "__module__": __name__,
-    },
-)
 
 
 def trial_problems(trial) -> list[str]:

@@ -20,14 +20,38 @@ from typing import Any, Iterable
 
 from suite.options import OPTION_BY_NAME, OPTIONS
 from suite.records import STATUSES
-from suite.select import number
-
-# Short names for the few long option names in labels and table headers.
-SHORT = {"unlocked_groups": "lock", "grad_checkpointing": "ckpt", "freeze_bn_stats": "freeze_bn"}
-# Options that are never ablation axes: the model is what is compared; the others describe the run.
-NOT_AXES = {"model", "device", "root"}
-AXES = tuple(o.name for o in OPTIONS if o.identity and o.name not in NOT_AXES)
-IDENTITY = tuple(o.name for o in OPTIONS if o.identity)  # what makes two trials the same configuration
+from suite.rows import (  # noqa: F401 - re-exported: the report's vocabulary
+    AXES,
+    DETAILS_AFTER,
+    IDENTITY,
+    NOT_AXES,
+    SHORT,
+    _row_key,
+    _sort_key,
+    cell,
+    config_value,
+    delta_points,
+    fold,
+    get,
+    is_noisy,
+    mib,
+    num,
+    number,
+    pct,
+    pick_metric,
+    plain,
+    plural,
+    rate,
+    rate_with_spread,
+    ratio,
+    rel_iqr,
+    rows_of,
+    same_config,
+    sig,
+    table,
+    trial_label,
+    varying_axes,
+)
 
 # The metrics of an ablation row: (column, header, kind) with kind "ratio" or "delta" (points).
 EFFECT_METRICS = (
@@ -37,195 +61,6 @@ EFFECT_METRICS = (
     ("infer_peak_mem_mib", "infer mem", "ratio"),
     ("probe_top1", "probe top-1", "delta"),
 )
-DETAILS_AFTER = 10  # longer lists fold into <details> so the page stays scannable
-
-
-# --- values ----------------------------------------------------------------------------------
-
-
-num = number  # a finite float, or None for missing (None, NaN, non-numbers, bools)
-
-
-def get(row, name: str) -> Any:
-    """row[name], with None for a missing column or a NaN."""
-    try:
-        value = row[name]
-    except (KeyError, IndexError):
-        return None
-    return plain(value)
-
-
-def plain(value: Any) -> Any:
-    """A Python value for a cell: numpy scalars unwrapped, NaN as None."""
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def same_config(name: str, a: Any, b: Any) -> bool:
-    """Equal as configuration values (0 == 0.0, but True != 1 and None != 0)."""
-    return config_value(name, a) == config_value(name, b)
-
-
-def config_value(name: str, value: Any) -> str:
-    """A config value as the report shows it."""
-    if name == "unlocked_groups" and value is None:
-        return "off"  # not locked, distinct from "locked, 0 groups unlocked"
-    if value is None:
-        return "default"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if value == "":
-        return "''"  # pool '' (no pooling) must stay visible
-    if isinstance(value, float) and value.is_integer():
-        return f"{value:g}"
-    return str(value)
-
-
-def _sort_key(value: Any) -> tuple:
-    """Sorts None, numbers and strings together without comparing across types."""
-    if value is None:
-        return (0, 0.0, "")
-    if isinstance(value, (bool, int, float)):
-        return (1, float(value), "")
-    return (2, 0.0, str(value))
-
-
-def rate(x: float | None) -> str:
-    if x is None:
-        return "—"
-    if x >= 1000:
-        return f"{x:,.0f}"
-    if x >= 100:
-        return f"{x:.0f}"
-    return f"{x:.1f}" if x >= 10 else f"{x:.2f}"
-
-
-def mib(x: float | None) -> str:
-    return "—" if x is None else f"{x:,.0f}"
-
-
-def sig(x: float | None) -> str:
-    """Three significant figures, without exponents for everyday magnitudes."""
-    if x is None:
-        return "—"
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.3g}"
-
-
-def pct(x: float | None, scale: float = 1.0) -> str:
-    if x is None:
-        return "—"
-    x *= scale
-    return f"{x:.2f}" if abs(x) < 1 else f"{x:.1f}"
-
-
-def ratio(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2f}x"
-
-
-def delta_points(x: float | None) -> str:
-    return "—" if x is None else f"{x:+.1f} pt"
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def cell(text: Any) -> str:
-    """Text safe inside a markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ").strip()
-
-
-def table(headers: list[str], rows: list[list[Any]], align: str | None = None) -> str:
-    """A markdown table; `align` is one char per column: l or r."""
-    align = align or "l" * len(headers)
-    rule = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
-    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def fold(summary: str, body: str, n: int) -> str:
-    """Long blocks go inside <details> (GitHub renders it collapsed)."""
-    if n <= DETAILS_AFTER:
-        return body
-    return f"<details><summary>{summary}</summary>\n\n{body}\n\n</details>"
-
-
-# --- trials ----------------------------------------------------------------------------------
-
-
-def rows_of(df) -> list[dict[str, Any]]:
-    """The frame's rows as dicts in a fixed order (model, config, trial_id), whatever the input order."""
-    # Plain dicts of Python values: indexing a pandas Series per cell is ~50x slower.
-    rows = [{k: plain(v) for k, v in rec.items()} for rec in df.to_dict("records")]
-    return sorted(rows, key=_row_key)
-
-
-def _row_key(row) -> tuple:
-    return (str(get(row, "env_key") or ""), str(get(row, "model") or ""),
-            tuple(_sort_key(get(row, a)) for a in AXES), str(get(row, "trial_id")))
-
-
-def varying_axes(df) -> list[str]:
-    """Identity options that take more than one value in `df`, in OPTIONS order."""
-    out = []
-    for name in AXES:
-        if name in df.columns and len({config_value(name, plain(v)) for v in df[name].tolist()}) > 1:
-            out.append(name)
-    return out
-
-
-def trial_label(row, axes: Iterable[str]) -> str:
-    """Model plus the varying options that differ from their defaults, e.g. 'vit pool=token ckpt'."""
-    parts = [str(get(row, "model"))]
-    for name in axes:
-        value, default = get(row, name), OPTION_BY_NAME[name].default
-        if same_config(name, value, default):
-            continue
-        short = SHORT.get(name, name)
-        parts.append(short if value is True else f"{short}={config_value(name, value)}")
-    return " ".join(parts)
-
-
-def rel_iqr(row, phase: str) -> float | None:
-    """IQR / median of the phase's step time (the spread of its throughput)."""
-    med, iqr = num(get(row, f"{phase}_step_time")), num(get(row, f"{phase}_step_time_iqr"))
-    if med is None or iqr is None or med <= 0:
-        return None
-    return iqr / med
-
-
-def is_noisy(row, phase: str) -> bool:
-    stored = get(row, f"{phase}_noisy")
-    if stored is not None:
-        return bool(stored)
-    spread, threshold = rel_iqr(row, phase), num(get(row, "noise_threshold"))
-    return spread is not None and threshold is not None and spread > threshold
-
-
-def rate_with_spread(row, phase: str) -> str:
-    text = rate(num(get(row, f"{phase}_samples_per_sec")))
-    spread = rel_iqr(row, phase)
-    if text != "—" and spread is not None:
-        p = 100 * spread
-        text += f" ±{p:.0f}%" if p >= 10 else f" ±{p:.1f}%"
-    if text != "—" and is_noisy(row, phase):
-        text += " ⚠"
-    return text
-
-
-def pick_metric(df, *names: str) -> str | None:
-    """The first of `names` with any value in `df` (e.g. train throughput, else inference)."""
-    for name in names:
-        if name in df.columns and any(num(v) is not None for v in df[name]):
-            return name
-    return None
-
 
 # --- analyses --------------------------------------------------------------------------------
 

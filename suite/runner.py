@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from suite.errors import one_line  # noqa: F401 - re-exported for the Ray backend
 from suite.records import Env, TrialRecord
 
 BACKENDS = ("local", "ray")
@@ -60,13 +61,6 @@ class TrialResults(list):
 
 
 # --- helpers shared with the Ray backend -------------------------------------------------------
-
-def one_line(exc: BaseException) -> str:
-    """`TypeName: first line of the message`, short enough for a table cell."""
-    text = str(exc).strip()
-    text = text.splitlines()[0] if text else ""
-    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:300]
-
 
 def load_fn(spec: str) -> Callable[..., Any]:
     """Import `module:function`.

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from suite.records import MeasureResult, ProbeResult
+from suite.rows import number, rows_of
 
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|<|>)\s*(\S+)\s*$")
@@ -163,17 +164,6 @@ def parse_select(block: Any, *, where: str = "select") -> Select:
     return Select(metric, parts[0], parsed, top)
 
 
-def number(value: Any) -> float | None:
-    """A finite float, or None for a missing value (None/NaN)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def exclusion_reason(row, select: Select) -> str | None:
     """Why a trial cannot be recommended, or None when it qualifies."""
     if row.get("status") != "ok":
@@ -198,8 +188,6 @@ def apply_select(df, select: Select) -> Selection:
     Ties in the objective are broken by trial_id, so the result does not depend on row order.
     """
     out = Selection(select)
-    from suite.report import rows_of
-
     rows = sorted(rows_of(df), key=lambda r: str(r.get("trial_id")))
     sign = -1.0 if select.direction == "max" else 1.0
     for row in rows:

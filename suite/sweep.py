@@ -30,14 +30,10 @@ def default_out(exp: Experiment) -> Path:
 
 def axes_label(exp: Experiment):
     """Name trials by the model and the options this experiment sweeps, not by its fixed settings."""
+    from suite.rows import trial_label
+
     axes = [a for a in exp.axes if a != "model"]
-
-    def label(trial) -> str:
-        parts = [trial.model] + [f"{a}={getattr(trial, a)!r}" if getattr(trial, a) == "" else f"{a}={getattr(trial, a)}"
-                                 for a in axes]
-        return " ".join(parts)
-
-    return label
+    return lambda trial: trial_label(trial, axes)
 
 
 def known_problems(exp: Experiment) -> dict[str, str]:

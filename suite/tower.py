@@ -43,6 +43,8 @@ from timm.layers import AttentionPool2d, Mlp, RotAttentionPool2d, freeze_batch_n
 from timm.models import group_modules, group_parameters
 from torch import nn
 
+from suite.errors import UnsupportedConfig, WeightsError  # noqa: F401 - re-exported
+
 # Pools timm implements inside the trunk; `''` means "the trunk's default pooling" here.
 TIMM_POOLS = ("avg", "max", "avgmax", "catavgmax", "token", "map", "")
 # Pools this tower adds as `head.pool` on a CNN feature map (open_clip's names).
@@ -53,14 +55,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 # Exceptions timm raises for a configuration it cannot build (it mostly uses `assert`).
 _BUILD_ERRORS = (AssertionError, ValueError, TypeError, KeyError, RuntimeError, NotImplementedError, IndexError)
-
-
-class UnsupportedConfig(ValueError):
-    """This combination cannot run as configured; the message names model, option, value and the fix."""
-
-
-class WeightsError(ValueError):
-    """A checkpoint file is unreadable or does not match the tower; the message names the file and keys."""
 
 
 @dataclass(frozen=True)
