@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from suite.errors import ConfigError, suggest  # noqa: F401 - ConfigError re-exported
-from suite.options import OPTION_BY_NAME, OPTIONS, Trial, options_in
+from suite.options import BACKENDS, OPTION_BY_NAME, OPTIONS, Trial, options_in
 
 SECTIONS = ("name", "description", "measure", "probe", "grid", "include", "exclude", "select", "compare", "run")
 RUN_KEYS = {"timeout_s": (int, float), "workers": (int,), "backend": (str,), "address": (str,), "out": (str,)}
-BACKENDS = ("local", "ray")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 MODES = ("both", "infer", "train")
 DATASETS = ("none", "digits", "imagefolder", "synthetic")
+BACKENDS = ("local", "ray")  # how a sweep runs its trials (the experiment's run.backend)
 
 
 @dataclass(frozen=True)
