@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 # Pool names the tower understands. Whether a given trunk supports one is decided by the tower.
 POOLS = ("avg", "max", "avgmax", "token", "map", "", "abs_attn", "rot_attn")
@@ -192,8 +192,6 @@ class Trial:
     @property
     def label(self) -> str:
         """Short human label: the model and the identity options that differ from the defaults."""
-        from suite.rows import trial_label
-
         return trial_label(self, [o.name for o in OPTIONS[1:] if o.identity and o.name not in _UNLABELED])
 
     def as_dict(self) -> dict[str, Any]:
@@ -202,6 +200,60 @@ class Trial:
 
 # Options a short label leaves out: how long or on what data it is measured, not what is measured.
 _UNLABELED = {"device", "mode", "warmup", "iters", "dataset", "root", "max_per_class", "knn", "seed", "skip_bad_images"}
+
+
+# --- labels: how a trial is named everywhere ----------------------------------------------
+
+# Short names for the few long option names in labels and table headers.
+SHORT = {"unlocked_groups": "lock", "grad_checkpointing": "ckpt", "freeze_bn_stats": "freeze_bn"}
+
+
+def _get(row, name: str) -> Any:
+    try:
+        value = row[name]
+    except (KeyError, IndexError):
+        return None
+    except TypeError:  # a Trial: its attribute
+        return getattr(row, name, None)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and value != value else value  # NaN is missing
+
+
+def same_config(name: str, a: Any, b: Any) -> bool:
+    """Equal as configuration values (0 == 0.0, but True != 1 and None != 0)."""
+    return config_value(name, a) == config_value(name, b)
+
+
+def config_value(name: str, value: Any) -> str:
+    """A config value as the report shows it."""
+    if name == "unlocked_groups" and value is None:
+        return "off"  # not locked, distinct from "locked, 0 groups unlocked"
+    if value is None:
+        return "default"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value == "":
+        return "''"  # pool '' (no pooling) must stay visible
+    if isinstance(value, float) and value.is_integer():
+        return f"{value:g}"
+    return str(value)
+
+
+def trial_label(row, axes: Iterable[str]) -> str:
+    """Model plus the options of `axes` that differ from their defaults, e.g. 'vit pool=token ckpt'.
+
+    The one labeller: live sweep lines, the report, compare and export all name trials with it.
+    `row` is a dict, a pandas row or a `Trial`.
+    """
+    parts = [str(_get(row, "model"))]
+    for name in axes:
+        value, default = _get(row, name), OPTION_BY_NAME[name].default
+        if same_config(name, value, default):
+            continue
+        short = SHORT.get(name, name)
+        parts.append(short if value is True else f"{short}={config_value(name, value)}")
+    return " ".join(parts)
 
 
 def trial_problems(trial) -> list[str]:

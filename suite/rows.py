@@ -8,12 +8,10 @@ attributes too).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
 
-from suite.options import OPTION_BY_NAME, OPTIONS
+from suite.options import OPTIONS, SHORT, config_value, same_config, trial_label  # noqa: F401 - re-exported
 
-# Short names for the few long option names in labels and table headers.
-SHORT = {"unlocked_groups": "lock", "grad_checkpointing": "ckpt", "freeze_bn_stats": "freeze_bn"}
 # Options that are never ablation axes: the model is what is compared; the others describe the run.
 NOT_AXES = {"model", "device", "root"}
 AXES = tuple(o.name for o in OPTIONS if o.identity and o.name not in NOT_AXES)
@@ -45,26 +43,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
-
-
-def same_config(name: str, a: Any, b: Any) -> bool:
-    """Equal as configuration values (0 == 0.0, but True != 1 and None != 0)."""
-    return config_value(name, a) == config_value(name, b)
-
-
-def config_value(name: str, value: Any) -> str:
-    """A config value as the report shows it."""
-    if name == "unlocked_groups" and value is None:
-        return "off"  # not locked, distinct from "locked, 0 groups unlocked"
-    if value is None:
-        return "default"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if value == "":
-        return "''"  # pool '' (no pooling) must stay visible
-    if isinstance(value, float) and value.is_integer():
-        return f"{value:g}"
-    return str(value)
 
 
 def _sort_key(value: Any) -> tuple:
@@ -161,18 +139,6 @@ def varying_axes(df) -> list[str]:
         if name in df.columns and len({config_value(name, plain(v)) for v in df[name].tolist()}) > 1:
             out.append(name)
     return out
-
-
-def trial_label(row, axes: Iterable[str]) -> str:
-    """Model plus the varying options that differ from their defaults, e.g. 'vit pool=token ckpt'."""
-    parts = [str(get(row, "model"))]
-    for name in axes:
-        value, default = get(row, name), OPTION_BY_NAME[name].default
-        if same_config(name, value, default):
-            continue
-        short = SHORT.get(name, name)
-        parts.append(short if value is True else f"{short}={config_value(name, value)}")
-    return " ".join(parts)
 
 
 def rel_iqr(row, phase: str) -> float | None:
