@@ -1,140 +1,176 @@
-"""Benchmarks of the measurement engine itself: fidelity, repeatability and overhead.
+"""Benchmarks of the measurement engine itself: history independence, fidelity, overhead.
 
-    python benchmarks/bench_measure.py                 # resnet18, 224 px, batch 16, fp32, CPU
-    python benchmarks/bench_measure.py --threads 1 --iters 10
+    python benchmarks/bench_measure.py                                   # test_resnet 96 px batch 16, CPU
+    python benchmarks/bench_measure.py --model resnet18 --image-size 224
+    python benchmarks/bench_measure.py --allocator default              # as before the fix, for comparison
 
-1. Fidelity: `suite.measure`'s inference samples/s against a minimal hand-written loop over the
-   same tower (same weights, same input recipe, same threads), alternated round by round in one
-   process so drifting machine load hits both. Target: ratio >= 0.97.
-2. Repeatability: five repeated `measure()` calls; coefficient of variation of samples/s.
-   Target: < 3%.
-3. Overhead: the wall time of `measure()` outside its warm-up and timed loops (tower build,
-   FLOP counting, roofline lookup, memory bookkeeping), with the roofline already cached.
+1. History independence: the same trial measured
+   - cold: the first measurement of a fresh process (as `suite bench` does), mode both, infer, train;
+   - warm: after other trials in the same process (as the 20th trial of a sweep worker);
+   reported as each phase's samples/s per case and the max/min spread over all of them. Target <= 1.05x.
+2. Fidelity: `measure()` against a minimal hand-written loop as lean as timm's `benchmark.py`
+   (perf_counter around each step, nothing else per step), in the same process and steady state,
+   alternated round by round; ratio suite / hand loop per phase. Target >= 0.97.
+3. Overhead: `measure()` wall time outside the warm-up and timed loops.
 
-Prints figures; exits non-zero only on an error, not on a missed target (timings vary by machine).
+Each case runs in its own subprocess, started with nothing but this script, so no case inherits
+another's heap. Prints figures; exits non-zero only on an error, not on a missed target.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
-import torch
-
-from suite.measure import make_inputs, measure
-from suite.options import Trial
-from suite.tower import build_tower
+OTHER_TRIALS = (("test_vit", "both"), ("test_convnext", "train"), ("test_efficientnet", "both"), ("test_vit", "train"))
 
 
-def hand_loop_samples_per_sec(tower: torch.nn.Module, x: torch.Tensor, warmup: int, iters: int) -> float:
-    """The simplest honest loop: eval, inference_mode, warm-up, then wall time over `iters` calls."""
-    tower.eval()
-    with torch.inference_mode():
-        for _ in range(warmup):
-            tower(x)
-        start = time.perf_counter()
-        for _ in range(iters):
-            tower(x)
-        elapsed = time.perf_counter() - start
-    return x.shape[0] * iters / elapsed
+def _trial(args, mode: str):
+    from suite.options import Trial
+
+    return Trial(model=args.model, image_size=args.image_size, batch_size=args.batch_size, embed_dim=args.embed_dim,
+                 device="cpu", mode=mode, warmup=args.warmup, iters=args.iters)
 
 
-def fidelity(trial: Trial, cache_dir: str, rounds: int) -> float:
+def _measure(trial, cache_dir: str) -> dict:
+    from suite.measure import measure
+
+    start = time.perf_counter()
+    r = measure(trial, cache_dir=cache_dir)
+    return {"infer": r.infer_samples_per_sec, "train": r.train_samples_per_sec,
+            "overhead_s": time.perf_counter() - start - r.measured_time_s,
+            "warmup_steps": [r.infer_warmup_steps, r.train_warmup_steps]}
+
+
+def hand_loop(tower, x, warmup: int, iters: int, train: bool) -> float:
+    """timm benchmark.py's loop: warm-up, then perf_counter around each step; samples/s over the loop."""
+    import torch
+
+    from suite.steps import contrastive_loss
+
+    if train:
+        tower.train()
+        optimizer = torch.optim.AdamW([p for p in tower.parameters() if p.requires_grad], lr=1e-5)
+        cache: dict = {}
+
+        def step():
+            loss = contrastive_loss(tower(x), cache)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        tower.eval()
+
+        def step():
+            with torch.inference_mode():
+                tower(x)
+    for _ in range(warmup):
+        step()
+    total = 0.0
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        total += time.perf_counter() - t0
+    return x.shape[0] * iters / total
+
+
+def child(args) -> dict:
+    """One case, in this (fresh) process."""
+    import torch
+
+    from suite.steady import allocator, steady_allocator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.allocator == "steady":
+        steady_allocator()
+    cache_dir = tempfile.mkdtemp()
+    case = args.child
+    if case.startswith("cold-"):
+        return _measure(_trial(args, case.split("-")[1]), cache_dir) | {"allocator": allocator()}
+    if case == "warm":
+        from suite.options import Trial
+
+        for model, mode in OTHER_TRIALS:
+            _measure(Trial(model=model, image_size=args.image_size, batch_size=args.batch_size, device="cpu",
+                           mode=mode, warmup=2, iters=5), cache_dir)
+        return _measure(_trial(args, "both"), cache_dir)
+    if case == "fidelity":
+        return fidelity(args, cache_dir)
+    raise SystemExit(f"unknown case {case!r}")
+
+
+def fidelity(args, cache_dir: str) -> dict:
+    import torch
+
+    from suite.measure import measure
+    from suite.steps import make_inputs
+    from suite.tower import build_tower
+
+    trial = _trial(args, "both")
     torch.manual_seed(0)
     tower = build_tower(trial)
     x = make_inputs(trial, "cpu", trial.batch_size)
-    ratios = []
-    for i in range(rounds):
-        # Paired rounds: load that drifts over minutes hits both sides of a ratio alike.
-        hand = hand_loop_samples_per_sec(tower, x, trial.warmup, trial.iters)
-        ours = measure(trial, tower=tower, cache_dir=cache_dir).infer_samples_per_sec
-        ratios.append(ours / hand)
-        print(f"  round {i + 1}: hand loop {hand:8.2f} samples/s   suite {ours:8.2f} samples/s   "
-              f"ratio {ratios[-1]:.3f}")
-    ratio = statistics.median(ratios)
-    print(f"fidelity: suite / hand loop = {ratio:.3f}  (median of {rounds} paired rounds; target >= 0.97)")
-    return ratio
+    ratios: dict[str, list[float]] = {"infer": [], "train": []}
+    for _ in range(args.rounds):
+        r = measure(trial, tower=tower, cache_dir=cache_dir)
+        for phase, ours in (("infer", r.infer_samples_per_sec), ("train", r.train_samples_per_sec)):
+            hand = hand_loop(tower, x, max(args.warmup, 10), args.iters, train=phase == "train")
+            ratios[phase].append(ours / hand)
+    return {phase: statistics.median(v) for phase, v in ratios.items()} | {"rounds": ratios}
 
 
-def repeatability(trial: Trial, cache_dir: str, repeats: int) -> float:
-    values, overheads = [], []
-    for i in range(repeats):
-        start = time.perf_counter()
-        r = measure(trial, cache_dir=cache_dir)
-        wall = time.perf_counter() - start
-        values.append(r.infer_samples_per_sec)
-        overheads.append(wall - r.measured_time_s)
-        print(f"  run {i + 1}: {r.infer_samples_per_sec:8.2f} samples/s  (IQR/median "
-              f"{r.infer_step_time_iqr / r.infer_step_time:.1%}, measure() wall {wall:.2f} s, "
-              f"timed work {r.measured_time_s:.2f} s)")
-    cv = statistics.stdev(values) / statistics.mean(values)
-    print(f"repeatability: coefficient of variation = {cv:.2%} over {repeats} runs (target < 3%)")
-    print(f"overhead: measure() outside warm-up + timed loops = median {statistics.median(overheads):.2f} s "
-          f"per trial (tower build, FLOP count, roofline lookup, memory bookkeeping)")
-    return cv
-
-
-def overhead_breakdown(trial: Trial, cache_dir: str) -> None:
-    """Time the fixed per-trial steps one by one."""
-    from suite.flops import count_flops
-    from suite.measure import MemoryMeter, _frozen_gc
-    from suite.roofline import device_peak_tflops
-
-    parts = {}
-    t0 = time.perf_counter()
-    with _frozen_gc():  # as in measure(): one full collection, then only new objects are scanned
-        parts["full gc.collect + gc.freeze (once)"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        meter = MemoryMeter("cpu")
-        parts["memory baseline (gc, malloc_trim)"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        tower = build_tower(trial)
-        parts["build_tower"] = time.perf_counter() - t0
-        x = make_inputs(trial, "cpu", 2)
-        t0 = time.perf_counter()
-        count_flops(tower, x, train=False)
-        parts["count_flops infer (batch 2; cached per tower config)"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        count_flops(tower, x, train=True)
-        parts["count_flops train (batch 2; cached per tower config)"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        device_peak_tflops("cpu", trial.precision, cache_dir=cache_dir)
-        parts["device_peak_tflops (cached)"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        meter.start()
-        meter.peak_mib()
-        parts["per-phase memory reset + read"] = time.perf_counter() - t0
-    for name, seconds in parts.items():
-        print(f"  {name:54s} {seconds * 1e3:8.1f} ms")
+def run_case(args, case: str) -> dict:
+    argv = [sys.executable, __file__, "--child", case] + [a for a in sys.argv[1:] if a != "--child"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--model", default="test_resnet")
+    parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--embed-dim", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the fidelity check")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per case")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the fidelity check")
+    parser.add_argument("--allocator", choices=("steady", "default"), default="steady",
+                        help="default: leave glibc as it is (what the suite did before holding it steady)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    trial = Trial(model=args.model, image_size=args.image_size, batch_size=args.batch_size, precision="fp32",
-                  device="cpu", mode="infer", warmup=args.warmup, iters=args.iters)
-    print(f"{args.model} {args.image_size}px batch {args.batch_size} fp32 cpu, torch threads "
-          f"{torch.get_num_threads()}, warmup {args.warmup}, iters {args.iters}")
-    with tempfile.TemporaryDirectory() as cache_dir:
-        start = time.perf_counter()
-        measure(Trial(model="test_resnet", image_size=64, batch_size=2, mode="infer", iters=1, warmup=0),
-                cache_dir=cache_dir)  # measures and caches the device peak, loads kernels
-        print(f"first measure() in the process, roofline measured: {time.perf_counter() - start:.2f} s")
-        fidelity(trial, cache_dir, args.rounds)
-        repeatability(trial, cache_dir, args.repeats)
-        print("overhead breakdown (roofline cached):")
-        overhead_breakdown(trial, cache_dir)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    print(f"{args.model} {args.image_size}px batch {args.batch_size} fp32 cpu, warmup>={args.warmup}, "
+          f"iters {args.iters}, allocator {args.allocator}, {args.repeats} fresh processes per case")
+    values: dict[str, list[float]] = {"infer": [], "train": []}
+    for case in ("cold-both", "cold-infer", "cold-train", "warm"):
+        rows = [run_case(args, case) for _ in range(args.repeats)]
+        for phase in values:
+            got = [r[phase] for r in rows if r[phase] is not None]
+            values[phase] += got
+            if got:
+                print(f"  {case:11s} {phase:5s} samples/s: {', '.join(f'{v:,.1f}' for v in got)}")
+        print(f"  {case:11s} warm-up steps (infer, train): {[r['warmup_steps'] for r in rows]}; "
+              f"overhead {statistics.median(r['overhead_s'] for r in rows):.2f} s")
+    for phase, got in values.items():
+        print(f"history independence, {phase}: spread max/min = {max(got) / min(got):.3f}x over "
+              f"{len(got)} measurements (target <= 1.05x)")
+    fid = run_case(args, "fidelity")
+    for phase in ("infer", "train"):
+        rounds = ", ".join(f"{r:.3f}" for r in fid["rounds"][phase])
+        print(f"fidelity, {phase}: suite / timm-style hand loop = {fid[phase]:.3f} (rounds {rounds}; target >= 0.97)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Linear-probe benchmarks (prints figures; no pass/fail).
 
 1. Classifier: 50,000 x 768 synthetic features, 100 classes (Gaussian clusters with enough noise that
-   the accuracy is far from 100%), 10,000 test samples. Times `suite.probe.linear_probe` (full C sweep
+   the accuracy is far from 100%), 10,000 test samples. Times `suite.classifier.linear_probe` (full C sweep
    on a held-out 20% of train + refit on all of train) and compares its test top-1 with scikit-learn
    lbfgs run to convergence at the chosen C. Target: under 60 s on 2 CPU cores, within 0.5 points.
 2. Extraction: `extract_features` throughput (data loading included) against the tower's raw
@@ -34,7 +34,7 @@ def synthetic_features(n: int, d: int, k: int, noise: float, seed: int = 0):
 def bench_classifier(args) -> None:
     import torch
 
-    from suite.probe import DEFAULT_CS, l2_normalize, linear_probe
+    from suite.classifier import DEFAULT_CS, l2_normalize, linear_probe
 
     n_train, n_test, d, k = 50_000, 10_000, 768, 100
     x, y = synthetic_features(n_train + n_test, d, k, args.noise)
@@ -88,10 +88,10 @@ def bench_extraction(args) -> None:
     from sklearn.datasets import load_digits
     from torch.utils.data import DataLoader
 
-    import suite.data
-    from suite.data import ArrayImages, FileImages, eval_transform
+    import suite.images
+    from suite.features import extract_features, feature_loader
+    from suite.images import ArrayImages, FileImages, eval_transform
     from suite.options import Trial
-    from suite.probe import _loader, extract_features
     from suite.tower import build_tower
 
     # One thread by default: the machine may be shared, and two threads contending with other
@@ -112,8 +112,8 @@ def bench_extraction(args) -> None:
         # The per-image path (what extraction did before in-memory splits were preprocessed once).
         stream_x, _, stream = extract_features(tower, DataLoader(ds, batch_size=batch), args.device)
         # The probe's path: the first pass preprocesses the split, later trials at this size reuse it.
-        loader = _loader(ds, batch, args.device)
-        assert isinstance(loader, suite.data.PreparedBatches), type(loader)
+        loader = feature_loader(ds, batch, args.device)
+        assert isinstance(loader, suite.images.PreparedBatches), type(loader)
         first_x, _, first = extract_features(tower, loader, args.device)
         n_done, elapsed = 0, 0.0
         while elapsed < args.seconds:  # several passes: one is short at this speed
@@ -130,7 +130,7 @@ def bench_extraction(args) -> None:
                 Image.fromarray(gray[i]).resize((size, size)).convert("RGB").save(path)
                 samples.append((path, int(digits.target[i])))
             files = FileImages(samples, transform)
-            _, _, disk = extract_features(tower, _loader(files, batch, args.device), args.device)
+            _, _, disk = extract_features(tower, feature_loader(files, batch, args.device), args.device)
         print(f"{model} @ {size}px, batch {batch}, {n_imgs} digits: raw inference {raw:.0f} img/s "
               f"(before/after {raw_before:.0f}/{2 * raw - raw_before:.0f})")
         for what, sps in (("from memory, per-image transforms (DataLoader)", stream),

@@ -57,7 +57,7 @@ def test_store_write_one_trial(benchmark, tmp_path):
 
 
 def test_linear_probe_digits_sized(benchmark):
-    from suite.probe import linear_probe
+    from suite.classifier import linear_probe
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(10, 64))
@@ -71,7 +71,7 @@ def test_suite_inference_step_test_vit(benchmark):
     """One inference step as suite.measure runs it: pytest-benchmark's view of the same step."""
     import torch
 
-    from suite.measure import infer_step_fn, make_inputs
+    from suite.steps import infer_step_fn, make_inputs
     from suite.options import Trial
     from suite.tower import build_tower
 

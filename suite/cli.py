@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from suite.errors import SuiteError
+from suite.export import FORMATS
 from suite.options import OPTIONS, Option, Trial
 
 EXIT_BAD_INPUT = 2
@@ -117,9 +119,8 @@ def cmd_bench(args) -> int:
 
 def cmd_probe(args) -> int:
     from suite.data import check_dataset
-    from suite.env import capture_env
-    from suite.execute import classify
-    from suite.measure import resolve_device
+    from suite.execute import classify, trial_env
+    from suite.device import resolve_device
     from suite.probe import probe_trial
     from suite.records import TrialRecord
 
@@ -128,9 +129,9 @@ def cmd_probe(args) -> int:
     check_dataset(trial)
     device = resolve_device(trial.device)
     try:
-        record = TrialRecord(trial, "ok", probe=probe_trial(trial, device=device), env=capture_env(device))
+        record = TrialRecord(trial, "ok", probe=probe_trial(trial, device=device), env=trial_env(device))
     except Exception as exc:  # noqa: BLE001 - shown as a record like any trial
-        record = TrialRecord(trial, *classify(exc), env=capture_env(device))
+        record = TrialRecord(trial, *classify(exc), env=trial_env(device))
     return _print_record(record, args.json, phase="probe")
 
 
@@ -161,7 +162,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from suite.compare import compare_paths, parse_thresholds
+    from suite.compare import compare_paths
+    from suite.criteria import parse_thresholds
 
     thresholds = parse_thresholds(args.threshold) if args.threshold else None
     result = compare_paths(_results(args.baseline), _results(args.current), thresholds)
@@ -238,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="also write the markdown table here")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("export", help="export results: csv, parquet, timm-csv, pytest-benchmark, open-clip-config")
+    p = sub.add_parser("export", help="export results: " + ", ".join(FORMATS))
     p.add_argument("results")
-    p.add_argument("--format", required=True, choices=("csv", "parquet", "timm-csv", "pytest-benchmark", "open-clip-config"))
+    p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("-o", "--output", help="output file (default: beside the database)")
     p.add_argument("--trial", help="trial_id (prefix) for open-clip-config (default: the select block's best)")
     p.set_defaults(func=cmd_export)
@@ -255,15 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from suite.config import ConfigError
-
+    """Run one command. Only the suite's own input errors (and a missing input file) are exit 2:
+    any other exception is a bug, and shows its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:
+    except (SuiteError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # output piped into `head` and the like

@@ -9,104 +9,22 @@ another torch), are listed, never compared silently.
 
 Thresholds: a relative change ("-5%") or an absolute one in the metric's unit ("-1" for probe
 top-1 points); the sign must point the metric's wrong way (or be left out). "off" disables one.
+They are parsed by `suite.criteria` (so an experiment file is checked without this module).
 
 This module must stay light: no torch.
 """
 from __future__ import annotations
 
-import difflib
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from suite.report import AXES, cell, get, num, rows_of, table, trial_label, varying_axes
-from suite.select import METRICS
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """How far `metric` may move its wrong way: `limit` percent (relative) or units (absolute)."""
-
-    metric: str
-    limit: float  # magnitude, >= 0
-    relative: bool
-
-    @property
-    def text(self) -> str:
-        sign = "-" if higher_is_better(self.metric) else "+"
-        return f"{sign}{self.limit:g}" + ("%" if self.relative else "")
-
-
-def higher_is_better(metric: str) -> bool | None:
-    """Which way is good for a metric; None where a change is not better or worse (param_count)."""
-    if metric.endswith(("_samples_per_sec", "_tflops", "_mfu")) or metric in (
-        "probe_top1", "probe_top5", "probe_balanced_accuracy", "probe_knn_top1",
-    ):
-        return True
-    if metric.endswith(("_step_time", "_peak_mem_mib", "_peak_reserved_mib", "_time_s")):
-        return False
-    return None
-
-
-GATEABLE = tuple(m for m in METRICS if higher_is_better(m) is not None and not m.endswith("_iqr"))
-
-DEFAULT_THRESHOLDS: dict[str, Threshold] = {
-    "infer_samples_per_sec": Threshold("infer_samples_per_sec", 5.0, True),
-    "train_samples_per_sec": Threshold("train_samples_per_sec", 5.0, True),
-    "infer_peak_mem_mib": Threshold("infer_peak_mem_mib", 5.0, True),
-    "train_peak_mem_mib": Threshold("train_peak_mem_mib", 5.0, True),
-    "probe_top1": Threshold("probe_top1", 1.0, False),
-}
-_VALUE = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
-
-
-def _parse_one(metric: Any, value: Any, where: str) -> Threshold | None:
-    if not isinstance(metric, str) or metric not in GATEABLE:
-        close = difflib.get_close_matches(str(metric), GATEABLE, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; gateable metrics: {', '.join(GATEABLE)}"
-        raise ValueError(f"{where}: unknown metric {metric!r}{hint}")
-    if isinstance(value, str) and value.strip().lower() == "off":
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"{where}: {value!r} must be a change like '-5%' (relative), '-1' (absolute) or 'off'")
-    m = _VALUE.match(str(value))
-    if not m:
-        raise ValueError(f"{where}: {value!r} must be a change like '-5%' (relative), '-1' (absolute) or 'off'")
-    sign, magnitude, percent = m.groups()
-    good_up = higher_is_better(metric)
-    wrong = "-" if good_up else "+"
-    if sign and sign != wrong:
-        word = "higher" if good_up else "lower"
-        raise ValueError(
-            f"{where}: {metric} is better {word}, so its threshold is a{' drop' if good_up else 'n increase'}: "
-            f"write {wrong}{magnitude}{percent} (got {value!r})"
-        )
-    return Threshold(metric, float(magnitude), bool(percent))
-
-
-def parse_thresholds(spec: dict | list[str] | tuple[str, ...]) -> dict[str, Threshold | None]:
-    """Parse thresholds from an experiment's `compare:` block or CLI `METRIC=CHANGE` strings.
-
-    Returns only the metrics named (None for 'off'); `compare` lays them over DEFAULT_THRESHOLDS.
-
-    Raises:
-        ValueError: naming the entry and the value, with close matches for unknown metrics.
-    """
-    out: dict[str, Threshold | None] = {}
-    if isinstance(spec, dict):
-        for metric, value in spec.items():
-            out[str(metric)] = _parse_one(metric, value, f"compare.{metric}")
-    elif isinstance(spec, (list, tuple)):
-        for item in spec:
-            if not isinstance(item, str) or "=" not in item:
-                raise ValueError(f"threshold {item!r}: write METRIC=CHANGE, e.g. train_samples_per_sec=-3%")
-            metric, value = (s.strip() for s in item.split("=", 1))
-            out[metric] = _parse_one(metric, value, f"threshold {item!r}")
-    else:
-        raise ValueError(f"thresholds {spec!r}: must be a mapping (compare: block) or METRIC=CHANGE strings")
-    return out
+from suite.criteria import (
+    DEFAULT_THRESHOLDS, GATEABLE, Threshold, format_metric, higher_is_better, parse_thresholds,
+)
+from suite.rows import AXES, cell, get, num, rel_iqr, rows_of, table, trial_label, varying_axes
+from suite.store import load_meta, load_results
 
 
 @dataclass
@@ -159,15 +77,8 @@ _TIMING_PHASE = re.compile(r"^(infer|train)_(samples_per_sec|step_time|tflops|mf
 def _noise(metric: str, a, b) -> float | None:
     """Combined relative IQR of both runs for timing metrics, None for the rest."""
     m = _TIMING_PHASE.match(metric)
-    if not m:
-        return None
-    total = 0.0
-    for row in (a, b):
-        med, iqr = num(get(row, f"{m.group(1)}_step_time")), num(get(row, f"{m.group(1)}_step_time_iqr"))
-        if med is None or iqr is None or med <= 0:
-            return None
-        total += iqr / med
-    return total
+    spreads = [rel_iqr(row, m.group(1)) for row in (a, b)] if m else [None]
+    return None if None in spreads else sum(spreads)
 
 
 def _judge(metric: str, base: float, cur: float, threshold: Threshold | None, noise: float | None) -> str:
@@ -191,6 +102,38 @@ def _env_text(row) -> str:
                      if get(row, k) is not None) or str(get(row, "env_key"))
 
 
+def _by_trial(df) -> dict[str, dict[str, dict]]:
+    """{trial_id: {env_key: row}}."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in rows_of(df):
+        out.setdefault(str(get(r, "trial_id")), {})[str(get(r, "env_key"))] = r
+    return out
+
+
+def _compare_pair(out: Comparison, tid: str, label: str, b, c, gates: dict[str, Threshold | None]) -> None:
+    """Compare one trial measured in the same environment by both runs, adding to `out`."""
+    bs, cs = get(b, "status"), get(c, "status")
+    if bs != cs:
+        line = f"{label}: status {bs} → {cs}" + (f" ({get(c, 'reason')})" if get(c, "reason") else "")
+        out.status_changes.append(line)
+        if bs == "ok":  # it ran before and no longer does: the worst regression
+            out.regressions.append(line)
+        return
+    if bs != "ok":
+        return
+    out.n_compared += 1
+    for metric in (m for m in GATEABLE if gates.get(m) is not None):
+        xb, xc = num(get(b, metric)), num(get(c, metric))
+        if xb is None or xc is None:
+            continue
+        noise = _noise(metric, b, c)
+        change = Change(tid, label, metric, xb, xc, gates[metric], noise, _judge(metric, xb, xc, gates[metric], noise))
+        out.changes.append(change)
+        if change.verdict == "regression":
+            out.regressions.append(f"{label}: {metric} {format_metric(metric, xb)} → {format_metric(metric, xc)} "
+                                   f"({change.change_text}, threshold {gates[metric].text})")
+
+
 def compare(baseline_df, current_df, thresholds: dict | None = None) -> Comparison:
     """Compare two results frames trial by trial.
 
@@ -200,17 +143,9 @@ def compare(baseline_df, current_df, thresholds: dict | None = None) -> Comparis
     """
     gates: dict[str, Threshold | None] = dict(DEFAULT_THRESHOLDS)
     gates.update(thresholds or {})
-    metrics = [m for m in GATEABLE if gates.get(m) is not None]
-    axes = sorted(set(varying_axes(baseline_df)) | set(varying_axes(current_df)),
-                  key=AXES.index)
-    base = {}
-    for r in rows_of(baseline_df):
-        base.setdefault(str(get(r, "trial_id")), {})[str(get(r, "env_key"))] = r
-    cur = {}
-    for r in rows_of(current_df):
-        cur.setdefault(str(get(r, "trial_id")), {})[str(get(r, "env_key"))] = r
+    axes = sorted(set(varying_axes(baseline_df)) | set(varying_axes(current_df)), key=AXES.index)
+    base, cur = _by_trial(baseline_df), _by_trial(current_df)
     out = Comparison()
-
     labels = {}
     for tid in set(base) | set(cur):
         any_row = next(iter((base.get(tid) or cur.get(tid)).values()))
@@ -228,38 +163,10 @@ def compare(baseline_df, current_df, thresholds: dict | None = None) -> Comparis
         if not common:
             b, c = b_envs[sorted(b_envs)[0]], c_envs[sorted(c_envs)[0]]
             out.env_mismatch.append(f"{label}: baseline {_env_text(b)} vs current {_env_text(c)}")
-            continue
         for env in common:
-            b, c = b_envs[env], c_envs[env]
-            bs, cs = get(b, "status"), get(c, "status")
-            if bs != cs:
-                line = f"{label}: status {bs} → {cs}" + (f" ({get(c, 'reason')})" if get(c, "reason") else "")
-                out.status_changes.append(line)
-                if bs == "ok":  # it ran before and no longer does: the worst regression
-                    out.regressions.append(line)
-                continue
-            if bs != "ok":
-                continue
-            out.n_compared += 1
-            for metric in metrics:
-                xb, xc = num(get(b, metric)), num(get(c, metric))
-                if xb is None or xc is None:
-                    continue
-                noise = _noise(metric, b, c)
-                verdict = _judge(metric, xb, xc, gates[metric], noise)
-                change = Change(tid, label, metric, xb, xc, gates[metric], noise, verdict)
-                out.changes.append(change)
-                if verdict == "regression":
-                    out.regressions.append(f"{label}: {metric} {_fmt(metric, xb)} → {_fmt(metric, xc)} "
-                                           f"({change.change_text}, threshold {gates[metric].text})")
+            _compare_pair(out, tid, label, b_envs[env], c_envs[env], gates)
     out.markdown = _markdown(out, gates)
     return out
-
-
-def _fmt(metric: str, x: float) -> str:
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.3g}"
 
 
 def _markdown(c: Comparison, gates: dict) -> str:
@@ -307,7 +214,7 @@ def _markdown(c: Comparison, gates: dict) -> str:
 
 def _change_table(changes: list[Change], *, with_metric: bool) -> str:
     body = [[ch.label] + ([f"`{ch.metric}`"] if with_metric else [])
-            + [_fmt(ch.metric, ch.baseline), _fmt(ch.metric, ch.current), ch.change_text,
+            + [format_metric(ch.metric, ch.baseline), format_metric(ch.metric, ch.current), ch.change_text,
                "—" if ch.noise is None else f"±{100 * ch.noise:.1f}%",
                f"**{ch.verdict}**" if ch.verdict == "regression" else ch.verdict] for ch in changes]
     heads = ["trial"] + (["metric"] if with_metric else []) + ["baseline", "current", "change", "noise", "verdict"]
@@ -320,8 +227,6 @@ def compare_paths(baseline_path: str | Path, current_path: str | Path, threshold
     Thresholds, later winning: DEFAULT_THRESHOLDS, the current run's experiment `compare:` block,
     then `thresholds` (e.g. parsed from the command line).
     """
-    from suite.store import load_meta, load_results
-
     gates: dict[str, Threshold | None] = {}
     exp = load_meta(current_path).get("experiment") or {}
     if isinstance(exp, dict) and exp.get("compare"):

@@ -21,13 +21,13 @@ Checking model names needs timm (and so torch); everything else here is light.
 """
 from __future__ import annotations
 
-import difflib
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from suite.errors import ConfigError, suggest  # noqa: F401 - ConfigError re-exported
+from suite.criteria import parse_select, parse_thresholds
+from suite.errors import ConfigError, close_matches, suggest  # noqa: F401 - ConfigError re-exported
 from suite.options import BACKENDS, OPTION_BY_NAME, OPTIONS, Trial, options_in
 
 SECTIONS = ("name", "description", "measure", "probe", "grid", "include", "exclude", "select", "compare", "run")
@@ -156,16 +156,12 @@ def parse_experiment(data: Any, source: str = "<experiment>", text: str = "") ->
     select = data.get("select")
     if select is not None:
         try:
-            from suite.select import parse_select
-
             parse_select(select, where="select")
         except ValueError as exc:
             problems.append(str(exc))
     compare = data.get("compare")
     if compare is not None:
         try:
-            from suite.compare import parse_thresholds
-
             parse_thresholds(compare)
         except ValueError as exc:
             problems.append(f"compare: {exc}")
@@ -200,7 +196,7 @@ def check_models(exp: Experiment) -> None:
         base = model.split(".", 1)[0]
         if model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or timm.is_model(base):
             continue
-        matches = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+        matches = close_matches(base, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else " (see timm.list_models())"
         problems.append(f"model: {model!r} is not a timm model{hint}")
     for trial in exp.trials:

@@ -10,7 +10,9 @@ import platform
 import subprocess
 from pathlib import Path
 
+from suite.device import resolve_device
 from suite.records import Env
+from suite.steady import allocator
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
@@ -60,19 +62,22 @@ def device_name(device: str) -> str:
     return "cpu"
 
 
-@functools.lru_cache(maxsize=None)
 def capture_env(device: str) -> Env:
     """Describe this process's environment for results measured on `device` ('cpu', 'cuda' or 'auto').
 
-    Cached per process: versions and hardware do not change while it runs. 'auto' is resolved as
-    the trials resolve it, so records the runner makes itself (crashed, timeout) for an 'auto'
-    sweep on a GPU get the GPU's environment, not a phantom 'cpu' one.
+    'auto' is resolved as the trials resolve it, so records the runner makes itself (crashed,
+    timeout) for an 'auto' sweep on a GPU get the GPU's environment, not a phantom 'cpu' one.
+    The allocator is read each time (a measuring process holds it steady from its first trial on);
+    the rest is cached per process: versions and hardware do not change while it runs.
     """
+    return _capture_env(resolve_device(device), allocator())
+
+
+@functools.lru_cache(maxsize=None)
+def _capture_env(device: str, allocator_text: str) -> Env:
     import timm
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = device == "cuda"
     driver = None
     if cuda:
@@ -83,7 +88,7 @@ def capture_env(device: str) -> Env:
             driver = f"cuda-driver-api {version // 1000}.{version % 1000 // 10}"
     cudnn = torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None
     return Env(
-        env_torch=torch.__version__,
+        env_torch=str(torch.__version__),  # a TorchVersion would make unpickling import torch
         env_timm=timm.__version__,
         env_cuda=torch.version.cuda if cuda else None,
         env_cudnn=str(cudnn) if cudnn else None,
@@ -91,6 +96,7 @@ def capture_env(device: str) -> Env:
         env_driver=driver,
         env_cpu=cpu_model(),
         env_threads=torch.get_num_threads(),
+        env_allocator=allocator_text,
         env_python=platform.python_version(),
         env_platform=platform.platform(),
         env_git_commit=git_commit(),

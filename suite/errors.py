@@ -35,6 +35,10 @@ class DatasetError(SuiteError):
     """The probe data cannot be used as given; the message names the path and the fix."""
 
 
+class MissingDependency(SuiteError, ImportError):
+    """An optional package a command needs is not installed; the message names the pip command."""
+
+
 class ConfigError(SuiteError):
     """One or more problems in an experiment file; `problems` lists them, the message shows all."""
 
@@ -43,6 +47,9 @@ class ConfigError(SuiteError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+
+    def __reduce__(self):  # picklable: raised in a child process, re-raised in the driver
+        return type(self), (self.source, self.problems)
 
 
 def one_line(exc: BaseException) -> str:

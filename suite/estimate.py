@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from suite.store import DEFAULT_NAME, load_results
+
 
 def estimate_cost(exp, out_dir: Path, skip: set[str] = frozenset()) -> str:
     """One line: the estimated run time, from earlier rows of the same trials or models.
@@ -11,8 +13,6 @@ def estimate_cost(exp, out_dir: Path, skip: set[str] = frozenset()) -> str:
     trials of the same model, else the median of all earlier trials. Without earlier results
     there is nothing honest to say, and the line says so.
     """
-    from suite.store import DEFAULT_NAME, load_results
-
     db = out_dir / DEFAULT_NAME
     if not db.exists():
         return f"cost estimate: no earlier results at {db} (run once to get estimates)"

@@ -3,22 +3,27 @@
 A failure is a record, not a crash: a configuration that cannot run as asked is `skipped`, an
 out-of-memory is `oom`, any other exception is `error` with its one-line message. Whatever was
 measured before the failure (e.g. the probe) is kept in the record.
+
+Light at import (torch, timm and the measuring modules are imported on a trial's first use): the
+sweep driver imports this module, through the runner's workers, for `release_memory`.
 """
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from pathlib import Path
 
-from suite.records import MeasureResult, ProbeResult, TrialRecord
-from suite.runner import one_line  # the same one-line reason the runner gives its own records
+from suite.device import cuda_in_use, resolve_device
+from suite.env import capture_env
+from suite.errors import DatasetError, UnsupportedConfig, one_line
+from suite.records import Env, MeasureResult, ProbeResult, TrialRecord
+from suite.steady import steady_allocator
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
     """Map an exception to (status, reason)."""
-    from suite.data import DatasetError
-    from suite.measure import is_oom
-    from suite.tower import UnsupportedConfig
+    from suite.memory import is_oom  # imports torch
 
     if isinstance(exc, UnsupportedConfig):
         return "skipped", str(exc).strip().splitlines()[0]
@@ -29,12 +34,26 @@ def classify(exc: BaseException) -> tuple[str, str]:
     return "error", one_line(exc)
 
 
-def release_memory() -> None:
-    """Free what a trial left behind so the next trial in this worker starts clean."""
-    import torch
+def trial_env(device: str) -> Env:
+    """The environment this process measures trials in, for every record it makes or reports.
 
+    Measuring holds the C allocator steady (`suite.steady`), and the allocator is part of the
+    environment's key, so it is held steady here first: a worker's first record, its later ones,
+    the records the driver makes for it (crashed, timeout) and the key the sweep resumes by agree.
+    """
+    steady_allocator()
+    return capture_env(device)
+
+
+def release_memory() -> None:
+    """Free what a trial left behind so the next trial in this worker starts clean.
+
+    CUDA caches are reset only where this process already uses CUDA: `synchronize()` on a GPU
+    machine would otherwise give a CPU trial's worker a CUDA context of its own.
+    """
     gc.collect()
-    if torch.cuda.is_available():
+    if cuda_in_use():
+        torch = sys.modules["torch"]
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -68,8 +87,7 @@ def run_trial(trial, *, cache_dir: str | Path | None = None) -> TrialRecord:
     The probe runs first, on a freshly built tower: measuring a training step changes the weights,
     and the probe's feature cache assumes the untouched function.
     """
-    from suite.env import capture_env
-    from suite.measure import measure, resolve_device
+    from suite.measure import measure  # imports torch and timm
 
     started = time.time()
     _freeze_imports()
@@ -79,7 +97,7 @@ def run_trial(trial, *, cache_dir: str | Path | None = None) -> TrialRecord:
         device = resolve_device(trial.device)
     except Exception as exc:  # e.g. cuda asked for on a machine without it
         return TrialRecord(trial, "skipped", one_line(exc), started_at=started, finished_at=time.time())
-    env = capture_env(device)
+    env = trial_env(device)
     try:
         if trial.dataset != "none":
             from suite.probe import probe_trial

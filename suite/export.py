@@ -12,12 +12,19 @@ This module must stay light: no torch.
 """
 from __future__ import annotations
 
+import csv
 import json
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from suite.report import get, num, plain, rows_of, trial_label, varying_axes
+from suite.analysis import last_finished
+from suite.criteria import parse_select
+from suite.errors import MissingDependency, SuiteError, suggest
+from suite.rows import get, num, plain, rows_of, trial_label, varying_axes
+from suite.select import apply_select
+from suite.store import load_meta, load_results, resolve_path
 
 FORMATS = ("csv", "parquet", "timm-csv", "pytest-benchmark", "open-clip-config")
 DEFAULT_NAMES = {
@@ -26,7 +33,8 @@ DEFAULT_NAMES = {
     "timm-csv": "results-timm.csv",
     "pytest-benchmark": "results-pytest-benchmark.json",
 }
-# timm benchmark.py's columns (its published CSVs use these names, units and rounding).
+# timm benchmark.py's columns (its published CSVs use these names, units and rounding), and
+# train_gmacs, the suite's own (forward + backward per image: timm's train CSVs have no MACs).
 TIMM_COLUMNS = (
     ("model", None), ("infer_img_size", None), ("infer_batch_size", None), ("infer_samples_per_sec", 2),
     ("infer_step_time", 3), ("infer_gmacs", 2), ("param_count", 2), ("train_img_size", None),
@@ -41,7 +49,7 @@ def _filter(df, trial_id: str | None):
         return df
     mask = [str(t).startswith(trial_id) for t in df["trial_id"]]
     if not any(mask):
-        raise ValueError(f"no trial_id starts with {trial_id!r}; stored ids: {_some_ids(df)}")
+        raise SuiteError(f"no trial_id starts with {trial_id!r}; stored ids: {_some_ids(df)}")
     return df[mask]
 
 
@@ -51,9 +59,7 @@ def _some_ids(df) -> str:
 
 
 def _finished(df) -> str:
-    ends = [num(v) for v in df["finished_at"]] if "finished_at" in df.columns else []
-    ends = [e for e in ends if e is not None]
-    when = datetime.fromtimestamp(max(ends) if ends else 0, tz=timezone.utc)
+    when = datetime.fromtimestamp(last_finished(df) or 0, tz=timezone.utc)
     return when.isoformat()
 
 
@@ -109,71 +115,78 @@ STATS_NOTE = (
 )
 
 
+def _benchmark(r, phase: str, axes: list[str]) -> dict[str, Any] | None:
+    """One pytest-benchmark entry: a trial's phase, or None when the phase was not timed."""
+    med = num(get(r, f"{phase}_step_time"))
+    if med is None or med <= 0:
+        return None
+    med /= 1000.0
+    iqr = (num(get(r, f"{phase}_step_time_iqr")) or 0.0) / 1000.0
+    q1, q3 = max(med - iqr / 2, 0.0), med + iqr / 2
+    rounds = int(num(get(r, "iters")) or 1)
+    label = trial_label(r, axes)
+    return {
+        "group": phase,
+        "name": f"{phase}[{label}]",
+        "fullname": f"suite::{get(r, 'model')}::{get(r, 'trial_id')}::{phase}",
+        "params": {a: plain(get(r, a)) for a in axes},
+        "param": label,
+        "extra_info": {
+            "trial_id": get(r, "trial_id"),
+            "samples_per_sec": num(get(r, f"{phase}_samples_per_sec")),
+            "batch_size": plain(get(r, f"{phase}_batch_size")),
+            "peak_mem_mib": num(get(r, f"{phase}_peak_mem_mib")),
+            "note": STATS_NOTE,
+        },
+        "options": {"disable_gc": False, "timer": "suite (median step time)", "min_rounds": rounds,
+                    "max_time": None, "min_time": None, "warmup": plain(get(r, "warmup"))},
+        "stats": {
+            "min": q1, "max": q3, "mean": med, "stddev": iqr / 1.349, "rounds": rounds, "median": med,
+            "iqr": iqr, "q1": q1, "q3": q3, "iqr_outliers": 0, "stddev_outliers": 0, "outliers": "0;0",
+            "ld15iqr": q1, "hd15iqr": q3, "ops": 1.0 / med, "total": med * rounds, "iterations": 1,
+        },
+    }
+
+
+def _env(row, name: str) -> Any:
+    """An environment field of `row`, None without a row (an empty store)."""
+    return plain(get(row, name)) if row is not None else None
+
+
+def _machine_info(first) -> dict[str, Any]:
+    """pytest-benchmark's machine_info from the environment of the run's first trial."""
+    def env(name: str) -> Any:
+        return _env(first, name)
+
+    return {
+        "node": "", "processor": env("env_cpu") or "", "machine": "", "python_compiler": "",
+        "python_implementation": "CPython", "python_implementation_version": env("env_python") or "",
+        "python_version": env("env_python") or "", "python_build": [], "release": "",
+        "system": env("env_platform") or "",
+        "cpu": {"brand_raw": env("env_cpu") or "", "count": env("env_threads")},
+        "suite_env": {k: env(f"env_{k}") for k in ("device", "driver", "torch", "timm", "cuda", "cudnn")},
+    }
+
+
 def _pytest_benchmark(df) -> dict[str, Any]:
-    envs = sorted({str(get(r, "env_key")) for r in rows_of(df)})
+    rows = rows_of(df)
+    envs = sorted({str(get(r, "env_key")) for r in rows})
     if len(envs) > 1:
-        raise ValueError(
+        raise SuiteError(
             f"the results hold {len(envs)} environments ({'; '.join(envs)}); a pytest-benchmark file describes "
             "one machine: export each environment's results from its own store"
         )
-    rows = rows_of(df)
     axes = varying_axes(df)
-    first = rows[0] if rows else None
-    benchmarks = []
-    for r in rows:
-        if get(r, "status") != "ok":
-            continue
-        label = trial_label(r, axes)
-        for phase in ("infer", "train"):
-            med = num(get(r, f"{phase}_step_time"))
-            if med is None or med <= 0:
-                continue
-            med /= 1000.0
-            iqr = (num(get(r, f"{phase}_step_time_iqr")) or 0.0) / 1000.0
-            q1, q3 = max(med - iqr / 2, 0.0), med + iqr / 2
-            rounds = int(num(get(r, "iters")) or 1)
-            stats = {
-                "min": q1, "max": q3, "mean": med, "stddev": iqr / 1.349, "rounds": rounds, "median": med,
-                "iqr": iqr, "q1": q1, "q3": q3, "iqr_outliers": 0, "stddev_outliers": 0, "outliers": "0;0",
-                "ld15iqr": q1, "hd15iqr": q3, "ops": 1.0 / med, "total": med * rounds, "iterations": 1,
-            }
-            benchmarks.append({
-                "group": phase,
-                "name": f"{phase}[{label}]",
-                "fullname": f"suite::{get(r, 'model')}::{get(r, 'trial_id')}::{phase}",
-                "params": {a: plain(get(r, a)) for a in axes},
-                "param": label,
-                "extra_info": {
-                    "trial_id": get(r, "trial_id"),
-                    "samples_per_sec": num(get(r, f"{phase}_samples_per_sec")),
-                    "batch_size": plain(get(r, f"{phase}_batch_size")),
-                    "peak_mem_mib": num(get(r, f"{phase}_peak_mem_mib")),
-                    "note": STATS_NOTE,
-                },
-                "options": {"disable_gc": False, "timer": "suite (median step time)", "min_rounds": rounds,
-                            "max_time": None, "min_time": None, "warmup": plain(get(r, "warmup"))},
-                "stats": stats,
-            })
+    benchmarks = [b for r in rows if get(r, "status") == "ok"
+                  for b in (_benchmark(r, phase, axes) for phase in ("infer", "train")) if b is not None]
     try:
-        from importlib.metadata import version
-
         pb_version = version("pytest-benchmark")
-    except Exception:  # the format, not the package, matters; 4.x and 5.x read the same layout
+    except PackageNotFoundError:  # the format, not the package, matters; 4.x and 5.x read the same layout
         pb_version = "4.0.0"
-
-    def env(name: str) -> Any:
-        return plain(get(first, name)) if first is not None else None
-
+    first = rows[0] if rows else None
     return {
-        "machine_info": {
-            "node": "", "processor": env("env_cpu") or "", "machine": "", "python_compiler": "",
-            "python_implementation": "CPython", "python_implementation_version": env("env_python") or "",
-            "python_version": env("env_python") or "", "python_build": [], "release": "",
-            "system": env("env_platform") or "",
-            "cpu": {"brand_raw": env("env_cpu") or "", "count": env("env_threads")},
-            "suite_env": {k: env(f"env_{k}") for k in ("device", "driver", "torch", "timm", "cuda", "cudnn")},
-        },
-        "commit_info": {"id": env("env_git_commit") or "unknown", "time": None, "author_time": None,
+        "machine_info": _machine_info(first),
+        "commit_info": {"id": _env(first, "env_git_commit") or "unknown", "time": None, "author_time": None,
                         "dirty": False, "project": "timm-tower-suite", "branch": "(unknown)"},
         "benchmarks": benchmarks,
         "datetime": _finished(df),
@@ -190,23 +203,20 @@ def _chosen_trial(df, db_path: Path, trial_id: str | None):
         rows = rows_of(_filter(df, trial_id))
         ids = sorted({str(get(r, "trial_id")) for r in rows})
         if len(ids) > 1:
-            raise ValueError(f"trial_id prefix {trial_id!r} matches {len(ids)} trials ({', '.join(ids[:5])}); "
+            raise SuiteError(f"trial_id prefix {trial_id!r} matches {len(ids)} trials ({', '.join(ids[:5])}); "
                              "give more characters")
     else:
-        from suite.select import apply_select, parse_select
-        from suite.store import load_meta
-
         block = (load_meta(db_path).get("experiment") or {}).get("select")
         if not block:
-            raise ValueError(f"{db_path}: the experiment has no select block, so there is no best trial; "
+            raise SuiteError(f"{db_path}: the experiment has no select block, so there is no best trial; "
                              "pass trial_id (see the report's tables)")
         best = apply_select(df, parse_select(block)).best
         if best is None:
-            raise ValueError(f"{db_path}: no trial meets the select block's constraints; pass trial_id")
+            raise SuiteError(f"{db_path}: no trial meets the select block's constraints; pass trial_id")
         rows = [best]
     row = rows[0]
     if get(row, "status") != "ok":
-        raise ValueError(f"trial {get(row, 'trial_id')} has status {get(row, 'status')} "
+        raise SuiteError(f"trial {get(row, 'trial_id')} has status {get(row, 'status')} "
                          f"({get(row, 'reason')}): export a trial that ran ok")
     return row
 
@@ -261,6 +271,37 @@ def open_clip_config(row) -> tuple[dict[str, Any], list[str]]:
 # --- entry point -----------------------------------------------------------------------------
 
 
+def _write_open_clip(df, db: Path, out_path: str | Path | None, trial_id: str | None) -> Path:
+    """The chosen trial's open_clip config, and its training flags in a `.train-args.txt` beside it."""
+    row = _chosen_trial(df, db, trial_id)
+    out = Path(out_path) if out_path else db.parent / f"open_clip-{str(get(row, 'trial_id'))[:8]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config, extra = open_clip_config(row)
+    out.write_text(json.dumps(config, indent=4) + "\n")
+    args = out.with_name(out.stem + ".train-args.txt")
+    args.write_text(f"# open_clip training flags for trial {get(row, 'trial_id')} "
+                    f"({trial_label(row, varying_axes(df))}), as it was measured\n" + "\n".join(extra) + "\n")
+    return out
+
+
+def _write_table(df, fmt: str, out: Path) -> None:
+    """Every row (csv, parquet), timm's columns (timm-csv) or a pytest-benchmark run."""
+    if fmt == "csv":
+        df.to_csv(out, index=False)
+    elif fmt == "parquet":
+        try:
+            _parquet_safe(df).to_parquet(out, index=False)
+        except ImportError as e:
+            raise MissingDependency(f"parquet export needs pyarrow: pip install 'timm-tower-suite[parquet]' ({e})") from None
+    elif fmt == "timm-csv":
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[c for c, _ in TIMM_COLUMNS] + ["trial_id", "config"])
+            writer.writeheader()
+            writer.writerows(_timm_rows(df))
+    elif fmt == "pytest-benchmark":
+        out.write_text(json.dumps(_pytest_benchmark(df), indent=2) + "\n")
+
+
 def export(db_path: str | Path, fmt: str, out_path: str | Path | None = None, *, trial_id: str | None = None) -> Path:
     """Write the results of a store in another tool's format.
 
@@ -274,47 +315,14 @@ def export(db_path: str | Path, fmt: str, out_path: str | Path | None = None, *,
     Returns:
         The path written.
     """
-    from suite.store import load_results, resolve_path
-
     if fmt not in FORMATS:
-        import difflib
-
-        close = difflib.get_close_matches(str(fmt), FORMATS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}{hint}")
+        raise SuiteError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}{suggest(fmt, FORMATS, n=1)}")
     db = resolve_path(db_path)
     df = load_results(db)
-
     if fmt == "open-clip-config":
-        row = _chosen_trial(df, db, trial_id)
-        out = Path(out_path) if out_path else db.parent / f"open_clip-{str(get(row, 'trial_id'))[:8]}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        config, extra = open_clip_config(row)
-        out.write_text(json.dumps(config, indent=4) + "\n")
-        axes = varying_axes(df)
-        args = out.with_name(out.stem + ".train-args.txt")
-        args.write_text(f"# open_clip training flags for trial {get(row, 'trial_id')} "
-                        f"({trial_label(row, axes)}), as it was measured\n" + "\n".join(extra) + "\n")
-        return out
-
+        return _write_open_clip(df, db, out_path, trial_id)
     df = _filter(df, trial_id)
     out = Path(out_path) if out_path else db.parent / DEFAULT_NAMES[fmt]
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "csv":
-        df.to_csv(out, index=False)
-    elif fmt == "parquet":
-        try:
-            _parquet_safe(df).to_parquet(out, index=False)
-        except ImportError as e:
-            raise ImportError(f"parquet export needs pyarrow: pip install 'timm-tower-suite[parquet]' ({e})") from None
-    elif fmt == "timm-csv":
-        import csv
-
-        rows = _timm_rows(df)
-        with open(out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[c for c, _ in TIMM_COLUMNS] + ["trial_id", "config"])
-            writer.writeheader()
-            writer.writerows(rows)
-    elif fmt == "pytest-benchmark":
-        out.write_text(json.dumps(_pytest_benchmark(df), indent=2) + "\n")
+    _write_table(df, fmt, out)
     return out

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 aten = torch.ops.aten
 
@@ -80,8 +80,6 @@ def _extra_formulas() -> dict[Any, Any]:
         "_scaled_dot_product_fused_attention_overrideable": _sdpa_forward,
         "_scaled_dot_product_fused_attention_overrideable_backward": _sdpa_backward,
     }
-    from torch.utils.flop_counter import flop_registry
-
     out: dict[Any, Any] = {aten.convolution_backward: _conv_backward}
     for name, formula in pairs.items():
         op = getattr(aten, name, None)

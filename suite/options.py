@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 # Pool names the tower understands. Whether a given trunk supports one is decided by the tower.
-POOLS = ("avg", "max", "avgmax", "token", "map", "", "abs_attn", "rot_attn")
+POOLS = ("avg", "max", "avgmax", "catavgmax", "token", "map", "", "abs_attn", "rot_attn")
 # "" (open_clip's `timm_proj: null`): the trunk's own classifier head, resized to embed_dim, is the projection;
 # "none": no projection, the trunk's pooled features pass through.
 PROJS = ("linear", "mlp", "none", "")
@@ -40,6 +40,9 @@ class Option:
         nullable: whether `None` (YAML `null`) is a valid value.
         cli: extra CLI spellings (e.g. `--lock`).
         identity: whether the option changes what is measured (part of `trial_id`).
+        hashed_at_default: False for options added after results were first stored: they enter
+            `trial_id` only when set to another value, so stored trials keep their ids (resume and
+            `suite compare` against an old baseline still match them).
     """
 
     name: str
@@ -51,6 +54,7 @@ class Option:
     nullable: bool = False
     cli: tuple[str, ...] = ()
     identity: bool = True
+    hashed_at_default: bool = True
 
     def check(self, value: Any) -> str | None:
         """Return a problem with `value`, or None when it is valid."""
@@ -79,7 +83,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", (str,), None, "timm model name, e.g. vit_base_patch16_224", "tower"),
     Option("embed_dim", (int,), 512, "output embedding width of the projection head", "tower"),
     Option("image_size", (int,), 224, "input resolution (square)", "tower"),
-    Option("pool", (str,), "avg", "pooling: avg|max|avgmax|token|map|'' (trunk default)|abs_attn|rot_attn", "tower", POOLS),
+    Option("pool", (str,), "avg", "pooling: avg|max|avgmax|catavgmax|token|map|'' (trunk default)|abs_attn|rot_attn", "tower", POOLS),
     Option("proj", (str,), "linear", "projection: linear|mlp|none (trunk features)|'' (the trunk's own head at embed_dim)", "tower", PROJS),
     Option("proj_bias", (bool,), False, "bias in the projection", "tower"),
     Option("drop", (float,), 0.0, "dropout before the projection", "tower"),
@@ -103,8 +107,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("auto_batch_size", (bool,), False, "back off from batch_size on OOM to the largest that fits", "measure"),
     Option("channels_last", (bool,), False, "channels_last memory format", "measure"),
     Option("compile", (bool,), False, "torch.compile the tower (compile time reported apart)", "measure"),
+    Option("compile_backend", (str,), "inductor", "torch.compile backend (inductor, aot_eager, cudagraphs, ...)",
+           "measure", hashed_at_default=False),
     Option("mode", (str,), "both", "what to measure: infer|train|both", "measure", MODES),
-    Option("warmup", (int,), 5, "untimed warm-up iterations", "measure"),
+    Option("warmup", (int,), 5, "minimum untimed warm-up steps (warm-up then runs until the step time is steady)", "measure"),
     Option("iters", (int,), 20, "timed iterations", "measure"),
     Option("noise_threshold", (float,), 0.1, "flag a timing whose IQR/median exceeds this", "measure", identity=False),
     # --- the linear probe ---
@@ -171,6 +177,7 @@ class Trial:
     auto_batch_size: bool = _default("auto_batch_size")
     channels_last: bool = _default("channels_last")
     compile: bool = _default("compile")
+    compile_backend: str = _default("compile_backend")
     mode: str = _default("mode")
     warmup: int = _default("warmup")
     iters: int = _default("iters")
@@ -187,7 +194,9 @@ class Trial:
     @property
     def trial_id(self) -> str:
         """Stable hash of everything that changes what the trial measures."""
-        return sha256_json({o.name: _canonical(o, getattr(self, o.name)) for o in OPTIONS if o.identity})
+        ident = {o.name: _canonical(o, getattr(self, o.name)) for o in OPTIONS
+                 if o.identity and (o.hashed_at_default or getattr(self, o.name) != o.default)}
+        return sha256_json(ident)
 
     @property
     def label(self) -> str:

@@ -7,17 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from suite.report import (
-    EFFECT_METRICS, ablation_effects, config_value, get, num, pareto_front, pick_metric, rows_of,
-    trial_label, varying_axes,
-)
+from suite.analysis import EFFECT_METRICS, ablation_effects, pareto_front
+from suite.criteria import metric_header, metric_label
+from suite.options import config_value, trial_label
+from suite.rows import get, num, pick_metric, rows_of, varying_axes
 
 MAX_BARS = 60  # above this a bar per configuration is unreadable; the scatter plots still show all
-_LABELS = {
-    "train_samples_per_sec": "train throughput (img/s)", "infer_samples_per_sec": "inference throughput (img/s)",
-    "train_peak_mem_mib": "train peak memory (MiB)", "infer_peak_mem_mib": "inference peak memory (MiB)",
-    "probe_top1": "linear probe top-1 (%)",
-}
 
 
 def _figure(width: float, height: float):
@@ -54,8 +49,8 @@ def _scatter_with_front(ax, rows: list, x: str, y: str, max_y: bool, axes: list[
     xs = [num(get(r, x)) for r in rows if num(get(r, x))]
     if xs and max(xs) / min(xs) > 20:
         ax.set_xscale("log")
-    ax.set_xlabel(_LABELS.get(x, x))
-    ax.set_ylabel(_LABELS.get(y, y))
+    ax.set_xlabel(metric_label(x))
+    ax.set_ylabel(metric_label(y))
     ax.grid(alpha=0.3)
     if len(models) <= 12:
         ax.legend(fontsize=7, loc="best")
@@ -63,7 +58,7 @@ def _scatter_with_front(ax, rows: list, x: str, y: str, max_y: bool, axes: list[
 
 def _effects_plot(df, axes: list[str]):
     effects = [e for e in ablation_effects(df, axes) if e.n]
-    metrics = [(m, h) for m, h, kind in EFFECT_METRICS if kind == "ratio"
+    metrics = [(m, metric_header(m, unit=False)) for m, kind in EFFECT_METRICS if kind == "ratio"
                and any(e.medians.get(m) is not None for e in effects)]
     if not effects or not metrics:
         return None
@@ -93,6 +88,38 @@ def _effects_plot(df, axes: list[str]):
     return fig
 
 
+def _front_plot(rows: list, x: str, y: str, max_y: bool, axes: list[str], title: str):
+    fig = _figure(7.5, 4.8)
+    ax = fig.add_subplot()
+    _scatter_with_front(ax, rows, x, y, max_y, axes)
+    ax.set_title(f"{title} (circled: Pareto front)")
+    return fig
+
+
+def _memory_plot(rows: list, mem: str, axes: list[str]):
+    """A bar per configuration, smallest first; past MAX_BARS a row of dots per model."""
+    bars = [r for r in rows if num(get(r, mem)) is not None]
+    bars.sort(key=lambda r: (num(get(r, mem)), str(get(r, "trial_id"))))
+    if len(bars) <= MAX_BARS:
+        fig = _figure(7.5, 1.0 + 0.22 * len(bars))
+        ax = fig.add_subplot()
+        ax.barh(range(len(bars)), [num(get(r, mem)) for r in bars], color="C0")
+        ax.set_yticks(range(len(bars)), [trial_label(r, axes) for r in bars], fontsize=7)
+    else:
+        models = sorted({str(get(r, "model")) for r in bars})
+        fig = _figure(7.5, 1.2 + 0.4 * len(models))
+        ax = fig.add_subplot()
+        for i, m in enumerate(models):
+            xs = [num(get(r, mem)) for r in bars if str(get(r, "model")) == m]
+            ax.scatter(xs, [i] * len(xs), s=18, alpha=0.6, color=f"C{i % 10}")
+        ax.set_yticks(range(len(models)), models, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(metric_label(mem))
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Peak memory per configuration")
+    return fig
+
+
 def write_plots(df, out_dir: str | Path, stem: str) -> dict[str, str]:
     """Draw the report's plots as PNG files in `out_dir`, named `{stem}-*.png`.
 
@@ -109,42 +136,13 @@ def write_plots(df, out_dir: str | Path, stem: str) -> dict[str, str]:
     plots: dict[str, str] = {}
     if not rows or speed is None:
         return plots
-
     if pick_metric(df, "probe_top1"):
-        fig = _figure(7.5, 4.8)
-        ax = fig.add_subplot()
-        _scatter_with_front(ax, rows, speed, "probe_top1", True, axes)
-        ax.set_title("Probe accuracy vs throughput (circled: Pareto front)")
+        fig = _front_plot(rows, speed, "probe_top1", True, axes, "Probe accuracy vs throughput")
         plots["Probe accuracy vs throughput"] = _save(fig, out_dir, f"{stem}-accuracy-vs-throughput.png")
-
     if mem:
-        fig = _figure(7.5, 4.8)
-        ax = fig.add_subplot()
-        _scatter_with_front(ax, rows, speed, mem, False, axes)
-        ax.set_title("Peak memory vs throughput (circled: Pareto front)")
+        fig = _front_plot(rows, speed, mem, False, axes, "Peak memory vs throughput")
         plots["Peak memory vs throughput"] = _save(fig, out_dir, f"{stem}-memory-vs-throughput.png")
-
-        bars = [r for r in rows if num(get(r, mem)) is not None]
-        bars.sort(key=lambda r: (num(get(r, mem)), str(get(r, "trial_id"))))
-        if len(bars) <= MAX_BARS:
-            fig = _figure(7.5, 1.0 + 0.22 * len(bars))
-            ax = fig.add_subplot()
-            ax.barh(range(len(bars)), [num(get(r, mem)) for r in bars], color="C0")
-            ax.set_yticks(range(len(bars)), [trial_label(r, axes) for r in bars], fontsize=7)
-        else:  # one row per model, one dot per configuration
-            models = sorted({str(get(r, "model")) for r in bars})
-            fig = _figure(7.5, 1.2 + 0.4 * len(models))
-            ax = fig.add_subplot()
-            for i, m in enumerate(models):
-                xs = [num(get(r, mem)) for r in bars if str(get(r, "model")) == m]
-                ax.scatter(xs, [i] * len(xs), s=18, alpha=0.6, color=f"C{i % 10}")
-            ax.set_yticks(range(len(models)), models, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel(_LABELS.get(mem, mem))
-        ax.grid(axis="x", alpha=0.3)
-        ax.set_title("Peak memory per configuration")
-        plots["Peak memory per configuration"] = _save(fig, out_dir, f"{stem}-memory.png")
-
+        plots["Peak memory per configuration"] = _save(_memory_plot(rows, mem, axes), out_dir, f"{stem}-memory.png")
     fig = _effects_plot(df, axes)
     if fig is not None:
         fig.get_axes()[0].set_title("Per-axis effects (ablations)")

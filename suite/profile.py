@@ -3,12 +3,18 @@
     suite profile --model vit_base_patch16_224 --precision bf16 --logdir runs/prof
     tensorboard --logdir runs/prof        # the PYTORCH_PROFILER tab
 
-The steps profiled are the very step functions `suite.measure` times, so a trace explains the
-numbers in a report rather than a look-alike loop.
+The steps profiled are the very step functions `suite.measure` times, under the same rules
+(steady allocator, strict fp32 on CUDA, cuDNN autotuning), so a trace explains the numbers in a
+report rather than a look-alike loop.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+from suite.device import resolve_device, strict_fp32
+from suite.errors import SuiteError
+from suite.steady import steady_allocator
+from suite.timing import cudnn_benchmark
 
 
 def profile_trial(trial, logdir: str | Path, *, steps: int = 5, phase: str = "train", top: int = 15) -> str:
@@ -21,24 +27,29 @@ def profile_trial(trial, logdir: str | Path, *, steps: int = 5, phase: str = "tr
         phase: `infer` or `train`.
         top: rows of the operator table (by self time).
     """
+    if phase not in ("infer", "train"):
+        raise SuiteError(f"phase: {phase!r} must be 'infer' or 'train'")
+    if steps < 1:
+        raise SuiteError(f"steps: {steps} must be at least 1")
+    device = resolve_device(trial.device)
+    steady_allocator()
+    with strict_fp32(device, trial.precision), cudnn_benchmark(device):
+        return _profile(trial, device, Path(logdir), steps, phase, top)
+
+
+def _profile(trial, device: str, logdir: Path, steps: int, phase: str, top: int) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-    from suite.measure import infer_step_fn, make_inputs, resolve_device, train_step_fn
+    from suite.steps import infer_step_fn, make_inputs, train_step_fn
     from suite.tower import build_tower
 
-    if phase not in ("infer", "train"):
-        raise ValueError(f"phase: {phase!r} must be 'infer' or 'train'")
-    if steps < 1:
-        raise ValueError(f"steps: {steps} must be at least 1")
-    device = resolve_device(trial.device)
     torch.manual_seed(trial.seed)
     tower = build_tower(trial)
     make_step = infer_step_fn if phase == "infer" else train_step_fn
     step = make_step(tower, trial, device)
     inputs = make_inputs(trial, device, trial.batch_size)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     worker = f"{trial.model}-{phase}-{trial.trial_id[:8]}"
     with profile(

@@ -24,18 +24,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from suite.errors import MissingDependency, one_line
+from suite.progress import Reporter, finish, run_reported
 from suite.records import Env, TrialRecord
-from suite.runner import (DEFAULT_ENV_FN, Reporter, TrialResults, call_trial, capture_worker_env, common_device,
-                          load_fn, measured_time, one_line, sigterm_as_interrupt, synthesised)
+from suite.workers import (DEFAULT_ENV_FN, TrialResults, call_trial, capture_worker_env, common_device, load_fn,
+                           synthesised)
 
 _ENV_WAIT_S = 120.0  # how long to wait for the environment probe task when a record needs it
 
 
 def _import_ray():
+    """Ray, imported on first use: it is an optional dependency and slow to import."""
     try:
         import ray
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependency(
             f"backend='ray' needs Ray, which is not installed ({exc}); install it with: "
             "pip install 'timm-tower-suite[ray]'") from None
     return ray
@@ -62,6 +65,7 @@ def _ray_trial(fn_spec: str, fn_kwargs: dict, trial: Any) -> Iterator[float | Tr
 
 
 def _ray_env(env_fn: str | None, device: str) -> tuple[Env, str]:
+    """The body of the environment task (a plain function: Ray wraps it)."""
     return capture_worker_env(env_fn, device)
 
 
@@ -110,7 +114,6 @@ def run_trials_ray(
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
                  logging_level=logging.WARNING)
-    results = TrialResults()
     start = time.time()
     try:
         resources = ray.cluster_resources()
@@ -119,21 +122,16 @@ def run_trials_ray(
         options = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
         slots = max(1, gpus if use_gpu else int(resources.get("CPU", 1)))
         where = f", Ray cluster: {slots} {'GPU' if use_gpu else 'CPU'} slot(s)"
-        with Reporter(len(trials), progress=progress, console=console, where=where, parallel=slots,
-                  label=label) as reporter:
-            if trials:
-                try:
-                    with sigterm_as_interrupt():
-                        _run(ray, trials, fn, fn_kwargs, timeout_s, env_fn, options, slots, on_result, reporter,
-                             results)
-                except KeyboardInterrupt:
-                    results.interrupted = True
-            results.wall_time_s = time.time() - start
-        reporter.summary(results)
+
+        def body(reporter: Reporter, results: TrialResults) -> None:
+            _run(ray, trials, fn, fn_kwargs, timeout_s, env_fn, options, slots,
+                 lambda record: finish(record, results, on_result, reporter), reporter.warn)
+
+        return run_reported(len(trials), body, progress=progress, console=console, where=where, parallel=slots,
+                            label=label, start=start)
     finally:
         if started_here:
             ray.shutdown()
-    return results
 
 
 @dataclass
@@ -143,8 +141,9 @@ class _Task:
     started: float | None = None  # driver's clock when the task said it began
 
 
-def _run(ray, trials, fn, fn_kwargs, timeout_s, env_fn, options, slots, on_result, reporter: Reporter,
-         results: TrialResults) -> None:
+def _run(ray, trials: list, fn: str, fn_kwargs: dict, timeout_s: float | None, env_fn: str | None, options: dict,
+         slots: int, done: Callable[[TrialRecord], None], warn: Callable[[str], None]) -> None:
+    """Keep up to `slots` tasks in flight until every trial is done; cancel what runs on the way out."""
     task = ray.remote(max_retries=0, num_returns="streaming", **options)(_ray_trial)
     # The environment of a worker like the trials' ones, for the records made here (crashed, timeout).
     env_ref = ray.remote(max_retries=0, **options)(_ray_env).remote(env_fn, common_device(trials)) if env_fn else None
@@ -157,18 +156,11 @@ def _run(ray, trials, fn, fn_kwargs, timeout_s, env_fn, options, slots, on_resul
                 try:
                     env, warning = ray.get(env_ref, timeout=_ENV_WAIT_S)
                     if warning:
-                        reporter.warn(warning)
+                        warn(warning)
                 except Exception as exc:  # noqa: BLE001 - the environment must not stop the sweep
-                    reporter.warn(f"could not capture the Ray workers' environment: {one_line(exc)}")
+                    warn(f"could not capture the Ray workers' environment: {one_line(exc)}")
             env_cache.append(env)
         return env_cache[0]
-
-    def finish(record: TrialRecord) -> None:
-        results.append(record)
-        results.measured_time_s += measured_time(record)
-        if on_result is not None:
-            on_result(record)
-        reporter.finished(record)
 
     queue = list(reversed(trials))
     in_flight: dict[Any, _Task] = {}  # streaming generator -> its trial
@@ -188,17 +180,17 @@ def _run(ray, trials, fn, fn_kwargs, timeout_s, env_fn, options, slots, on_resul
                     item = ray.get(next(gen))
                 except StopIteration:
                     del in_flight[gen]
-                    finish(synthesised(t.trial, "crashed", "Ray task ended without a record", worker_env(),
+                    done(synthesised(t.trial, "crashed", "Ray task ended without a record", worker_env(),
                                        t.started or t.submitted))
                     continue
                 except ray.exceptions.RayError as exc:
                     del in_flight[gen]
                     status, reason = _failure(ray, exc)
-                    finish(synthesised(t.trial, status, reason, worker_env(), t.started or t.submitted))
+                    done(synthesised(t.trial, status, reason, worker_env(), t.started or t.submitted))
                     continue
                 if isinstance(item, TrialRecord):
                     del in_flight[gen]
-                    finish(item)
+                    done(item)
                 else:
                     t.started = time.time()
             now = time.time()
@@ -207,7 +199,7 @@ def _run(ray, trials, fn, fn_kwargs, timeout_s, env_fn, options, slots, on_resul
                     ray.cancel(gen, force=True)  # kills the worker: the only way to stop a hung trial
                     del in_flight[gen]
                     reason = f"exceeded the time limit timeout_s={timeout_s:g} (Ray task cancelled, worker killed)"
-                    finish(synthesised(t.trial, "timeout", reason, worker_env(), t.started))
+                    done(synthesised(t.trial, "timeout", reason, worker_env(), t.started))
     finally:
         for gen in in_flight:  # interrupted or failed: stop what still runs
             try:

@@ -38,6 +38,9 @@ class MeasureResult:
     infer_peak_mem_mib: float | None = None
     infer_peak_reserved_mib: float | None = None  # CUDA only
     infer_noisy: bool | None = None
+    infer_rss_growth_mib: float | None = None  # CPU: resident-set growth of the memory pass (secondary)
+    infer_warmup_steps: int | None = None  # warm-up steps run: at least `warmup`, until the step time was steady
+    infer_warmup_steady: bool | None = None  # False: warm-up hit its time limit before the step time settled
     # training
     train_samples_per_sec: float | None = None
     train_step_time: float | None = None
@@ -51,10 +54,16 @@ class MeasureResult:
     train_peak_mem_mib: float | None = None
     train_peak_reserved_mib: float | None = None
     train_noisy: bool | None = None
+    train_rss_growth_mib: float | None = None  # CPU: resident-set growth of the memory pass (secondary)
+    train_warmup_steps: int | None = None  # warm-up steps run: at least `warmup`, until the step time was steady
+    train_warmup_steady: bool | None = None  # False: warm-up hit its time limit before the step time settled
+    train_skipped_steps: int | None = None  # optimizer steps the fp16 gradient scaler skipped while timing
     # how it was measured
     device_peak_tflops: float | None = None  # measured dense matmul peak at this precision
-    mem_method: str | None = None  # e.g. "cuda max_memory_allocated" or "cpu rss high-water (per phase)"
+    mem_method: str | None = None  # how peak memory was measured (live tensors, own untimed pass)
     compile_time_s: float | None = None  # excluded from timings
+    compile_graphs: int | None = None  # graphs dynamo compiled for this trial (0 would mean eager: an error)
+    compile_graph_breaks: int | None = None
     measured_time_s: float | None = None  # wall time of the timed + warm-up work, for overhead accounting
 
 
@@ -91,13 +100,15 @@ class Env:
     env_driver: str | None = None
     env_cpu: str | None = None
     env_threads: int | None = None
+    env_allocator: str | None = None  # e.g. "glibc 2.36 steady (...)": another allocator is another environment
     env_python: str | None = None
     env_platform: str | None = None
     env_git_commit: str | None = None
 
     def key(self) -> str:
         """What makes two environments different for comparison: device, versions."""
-        return "|".join(str(x) for x in (self.env_device, self.env_torch, self.env_timm, self.env_cuda))
+        return "|".join(str(x) for x in (self.env_device, self.env_torch, self.env_timm, self.env_cuda,
+                                         self.env_allocator))
 
 
 @dataclass(frozen=True)

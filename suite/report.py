@@ -7,138 +7,26 @@ the same results give the same text whatever their row order, so reports can be 
 Order of sections (the reader's questions, most urgent first, so 500 trials stay readable):
 header and environment, weights warning, recommendation (the `select` block), Pareto fronts,
 ablations (one axis changed, everything else fixed), plots, failed and skipped trials, and last
-the full table of every trial.
+the full table of every trial. The maths behind the fronts and ablations is `suite.analysis`;
+metric names and number formats come from `suite.criteria`, so every table shows them alike.
 """
 from __future__ import annotations
 
-import math
-import statistics
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
 
-from suite.options import OPTION_BY_NAME, OPTIONS
+from suite.analysis import EFFECT_METRICS, ablation_effects, last_finished, pareto_front
+from suite.criteria import format_metric, metric_header, parse_select
+from suite.errors import SuiteError
+from suite.options import SHORT, config_value, trial_label
+from suite.plots import write_plots
 from suite.records import STATUSES
-from suite.rows import (  # noqa: F401 - re-exported: the report's vocabulary
-    AXES,
-    DETAILS_AFTER,
-    IDENTITY,
-    NOT_AXES,
-    SHORT,
-    _row_key,
-    _sort_key,
-    cell,
-    config_value,
-    delta_points,
-    fold,
-    get,
-    is_noisy,
-    mib,
-    num,
-    number,
-    pct,
-    pick_metric,
-    plain,
-    plural,
-    rate,
-    rate_with_spread,
-    ratio,
-    rel_iqr,
-    rows_of,
-    same_config,
-    sig,
-    table,
-    trial_label,
-    varying_axes,
+from suite.rows import (
+    _row_key, _sort_key, delta_points, fold, get, num, pct, pick_metric, plain, plural, rate_with_spread, ratio,
+    rows_of, sig, table, varying_axes,
 )
-
-# The metrics of an ablation row: (column, header, kind) with kind "ratio" or "delta" (points).
-EFFECT_METRICS = (
-    ("train_samples_per_sec", "train img/s", "ratio"),
-    ("infer_samples_per_sec", "infer img/s", "ratio"),
-    ("train_peak_mem_mib", "train mem", "ratio"),
-    ("infer_peak_mem_mib", "infer mem", "ratio"),
-    ("probe_top1", "probe top-1", "delta"),
-)
-
-# --- analyses --------------------------------------------------------------------------------
-
-
-def pareto_front(rows: list, x: str, y: str, *, max_x: bool = True, max_y: bool = True) -> list:
-    """Rows not dominated in (x, y); a row with either value missing is left out.
-
-    Returned sorted by x, best x first (ties: by trial_id), so a plot can draw the front in order.
-    """
-    sx, sy = (1 if max_x else -1), (1 if max_y else -1)
-    pts = [(sx * num(get(r, x)), sy * num(get(r, y)), r) for r in rows
-           if num(get(r, x)) is not None and num(get(r, y)) is not None]
-    front = []
-    for a in pts:
-        dominated = any(b[0] >= a[0] and b[1] >= a[1] and (b[0] > a[0] or b[1] > a[1]) for b in pts)
-        if not dominated:
-            front.append(a)
-    front.sort(key=lambda p: (-p[0], -p[1], str(get(p[2], "trial_id"))))
-    return [p[2] for p in front]
-
-
-@dataclass
-class Effect:
-    """Changing one axis from `ref` to `value` with everything else fixed."""
-
-    axis: str
-    ref: Any
-    value: Any
-    n: int = 0  # matched pairs where both ran ok
-    medians: dict[str, float | None] = field(default_factory=dict)
-
-
-def reference_value(name: str, values: list) -> Any:
-    """The baseline of an axis: its default when swept, else its most common value."""
-    default = OPTION_BY_NAME[name].default
-    if any(same_config(name, v, default) for v in values):
-        return default
-    counts: dict[str, tuple[int, Any]] = {}
-    for v in values:
-        c = counts.get(config_value(name, v), (0, v))
-        counts[config_value(name, v)] = (c[0] + 1, v)
-    return sorted(counts.values(), key=lambda cv: (-cv[0], _sort_key(cv[1])))[0][1]
-
-
-def ablation_effects(df, axes: list[str] | None = None) -> list[Effect]:
-    """Median effect of each axis over pairs of ok trials that differ only in that axis.
-
-    Ratios are variant / reference (e.g. train memory 0.58x); probe top-1 is a difference in points.
-    Pairs are matched within one environment: every other identity option and env_key equal.
-    """
-    all_rows = rows_of(df)
-    rows = [r for r in all_rows if get(r, "status") == "ok"]
-    axes = varying_axes(df) if axes is None else axes
-    effects = []
-    for axis in axes:
-        all_values = [get(r, axis) for r in all_rows]
-        ref = reference_value(axis, all_values)
-        # Pairs: same environment, model and every other identity option; only `axis` differs.
-        groups: dict[tuple, dict[str, Any]] = {}
-        for r in rows:
-            key = (get(r, "env_key"),) + tuple(config_value(a, get(r, a)) for a in IDENTITY if a != axis)
-            groups.setdefault(key, {})[config_value(axis, get(r, axis))] = r
-        ref_key = config_value(axis, ref)
-        variants = {config_value(axis, v): v for v in all_values if config_value(axis, v) != ref_key}
-        for vkey, value in sorted(variants.items(), key=lambda kv: _sort_key(kv[1])):
-            pairs = [(g[ref_key], g[vkey]) for g in groups.values() if ref_key in g and vkey in g]
-            eff = Effect(axis, ref, value, len(pairs))
-            for metric, _, kind in EFFECT_METRICS:
-                vals = []
-                for a, b in pairs:
-                    xa, xb = num(get(a, metric)), num(get(b, metric))
-                    if xa is None or xb is None or (kind == "ratio" and xa <= 0):
-                        continue
-                    vals.append(xb / xa if kind == "ratio" else xb - xa)
-                eff.medians[metric] = statistics.median(vals) if vals else None
-            effects.append(eff)
-    return effects
-
+from suite.select import apply_select
+from suite.store import load_meta, load_results, resolve_path
 
 # --- sections --------------------------------------------------------------------------------
 
@@ -156,11 +44,10 @@ def _date(meta: dict, df) -> str:
     if meta.get("date"):
         return str(meta["date"])
     # Derived from the data (latest finish), never from the clock: rendering stays pure.
-    ends = [num(v) for v in df["finished_at"]] if "finished_at" in df.columns else []
-    ends = [e for e in ends if e is not None]
-    if not ends:
+    end = last_finished(df)
+    if end is None:
         return "unknown"
-    return datetime.fromtimestamp(max(ends), tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(end, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _distinct(rows: list, name: str) -> list:
@@ -235,34 +122,18 @@ def _brief(row) -> str:
                        ("infer_samples_per_sec", "infer {} img/s"), ("train_peak_mem_mib", "train mem {} MiB")):
         x = num(get(row, name))
         if x is not None:
-            parts.append(text.format(pct(x) if name == "probe_top1" else rate(x) if "samples" in name else mib(x)))
+            parts.append(text.format(format_metric(name, x)))
     return ", ".join(parts)
 
 
-def _fmt_metric(name: str, x: float | None) -> str:
-    if x is None:
-        return "—"
-    if "samples_per_sec" in name:
-        return rate(x)
-    if "mem_mib" in name:
-        return mib(x)
-    if name.endswith("_mfu"):
-        return pct(x, 100) + "%"
-    if name.startswith("probe_") and not name.startswith("probe_n_"):
-        return pct(x)
-    return sig(x)
-
-
 def _recommendation(rows: list, df, meta: dict, axes: list[str]) -> list[str]:
-    from suite.select import apply_select, parse_select
-
     block = meta.get("select")
     if not block:
         return ["No `select` block in the experiment, so no recommendation. Add one, e.g. "
                 "`select: {objective: max probe_top1, constraints: [\"train_peak_mem_mib <= 20480\"]}`."]
     try:
         select = parse_select(block)
-    except ValueError as e:
+    except SuiteError as e:
         return [f"The experiment's `select` block is invalid, so no recommendation: {e}"]
     result = apply_select(df, select)
     cons = ", ".join(f"`{c.text}`" for c in select.constraints) or "no constraints"
@@ -278,7 +149,7 @@ def _recommendation(rows: list, df, meta: dict, axes: list[str]) -> list[str]:
         context = [m for m in ("probe_top1", "train_samples_per_sec", "train_peak_mem_mib")
                    if pick_metric(df, m)]
         metrics = list(dict.fromkeys([select.metric] + [c.metric for c in select.constraints] + context))
-        body = [[i + 1, f"`{trial_label(r, axes)}`"] + [_fmt_metric(m, num(get(r, m))) for m in metrics]
+        body = [[i + 1, f"`{trial_label(r, axes)}`"] + [format_metric(m, num(get(r, m))) for m in metrics]
                 for i, r in enumerate(shown)]
         out += ["", table(["rank", "trial"] + metrics, body, "rl" + "r" * len(metrics))]
         if len(result.ranked) > len(shown):
@@ -315,21 +186,12 @@ def _pareto_section(rows: list, df, axes: list[str]) -> list[str]:
     for title, other, maximize in fronts:
         front = pareto_front(ok, speed, other, max_x=True, max_y=maximize)
         cols = [speed, other] + [m for m in ("probe_top1", mem) if m and m not in (speed, other)]
-        body = [[f"`{trial_label(r, axes)}`"] + [_fmt_metric(c, num(get(r, c))) for c in cols] for r in front]
-        heads = ["trial"] + [_header(c) for c in cols]
-        out += [f"**{title}** ({'higher' if maximize else 'lower'} {_header(other)} and higher "
-                f"{_header(speed)} are better): {len(front)} of {len(ok)} ok trials are on the front.", "",
+        body = [[f"`{trial_label(r, axes)}`"] + [format_metric(c, num(get(r, c))) for c in cols] for r in front]
+        heads = ["trial"] + [metric_header(c) for c in cols]
+        out += [f"**{title}** ({'higher' if maximize else 'lower'} {metric_header(other)} and higher "
+                f"{metric_header(speed)} are better): {len(front)} of {len(ok)} ok trials are on the front.", "",
                 table(heads, body, "l" + "r" * len(cols)), ""]
     return out[:-1] if out and out[-1] == "" else out
-
-
-def _header(metric: str) -> str:
-    names = {
-        "train_samples_per_sec": "train img/s", "infer_samples_per_sec": "infer img/s",
-        "train_peak_mem_mib": "train mem (MiB)", "infer_peak_mem_mib": "infer mem (MiB)",
-        "probe_top1": "probe top-1 (%)",
-    }
-    return names.get(metric, metric)
 
 
 def _ablation_section(df, axes: list[str]) -> list[str]:
@@ -339,11 +201,11 @@ def _ablation_section(df, axes: list[str]) -> list[str]:
     body = []
     for e in effects:
         cells = [e.axis, f"{config_value(e.axis, e.ref)} → {config_value(e.axis, e.value)}", e.n]
-        for metric, _, kind in EFFECT_METRICS:
+        for metric, kind in EFFECT_METRICS:
             x = e.medians.get(metric)
             cells.append(ratio(x) if kind == "ratio" else delta_points(x))
         body.append(cells)
-    heads = ["axis", "change", "n"] + [h for _, h, _ in EFFECT_METRICS]
+    heads = ["axis", "change", "n"] + [metric_header(m, unit=False) for m, _ in EFFECT_METRICS]
     return [
         "Effect of changing one option with everything else fixed: the median over n matched pairs of "
         "ok trials of variant / reference (probe top-1: difference in points). n = 0: no pair ran ok.",
@@ -372,9 +234,10 @@ def _failures_section(rows: list, axes: list[str]) -> list[str]:
 
 
 def _full_table(rows: list, axes: list[str], multi_env: bool) -> str:
-    heads = ["#", "model"] + [SHORT.get(a, a) for a in axes] + (["device"] if multi_env else []) + [
-        "status", "train img/s", "infer img/s", "train mem (MiB)", "infer mem (MiB)", "GFLOPs/img (fwd)",
-        "MFU train/infer (%)", "probe top-1 (%)"]
+    mems = ("train_peak_mem_mib", "infer_peak_mem_mib")
+    heads = ["#", "model"] + [SHORT.get(a, a) for a in axes] + (["device"] if multi_env else []) + ["status"] + [
+        metric_header(m) for m in ("train_samples_per_sec", "infer_samples_per_sec") + mems] + [
+        "GFLOPs/img (fwd)", "MFU train/infer (%)", metric_header("probe_top1")]
     body = []
     for i, r in enumerate(rows, 1):
         mfu = [num(get(r, "train_mfu")), num(get(r, "infer_mfu"))]
@@ -382,10 +245,9 @@ def _full_table(rows: list, axes: list[str], multi_env: bool) -> str:
             [i, get(r, "model")] + [config_value(a, get(r, a)) for a in axes]
             + ([get(r, "env_device") or "—"] if multi_env else [])
             + [get(r, "status"), rate_with_spread(r, "train"), rate_with_spread(r, "infer"),
-               mib(num(get(r, "train_peak_mem_mib"))), mib(num(get(r, "infer_peak_mem_mib"))),
-               sig(num(get(r, "infer_gflops"))),
+               *(format_metric(m, num(get(r, m))) for m in mems), sig(num(get(r, "infer_gflops"))),
                "—" if mfu == [None, None] else " / ".join(pct(m, 100) for m in mfu),
-               pct(num(get(r, "probe_top1")))]
+               format_metric("probe_top1", num(get(r, "probe_top1")))]
         )
     n_fixed = 2 + len(axes) + (1 if multi_env else 0) + 1
     return table(heads, body, "r" + "l" * (n_fixed - 1) + "r" * (len(heads) - n_fixed))
@@ -450,9 +312,6 @@ def write_report(db_path: str | Path, out_path: str | Path | None = None, *, tit
     Returns:
         The path of the written report.
     """
-    from suite.plots import write_plots
-    from suite.store import load_meta, load_results, resolve_path
-
     db = resolve_path(db_path)
     df, meta = load_results(db), load_meta(db)
     if title:

@@ -7,22 +7,24 @@ name, precision, torch version and thread count (what changes it), so a sweep pa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+import torch
+
+from suite.device import AUTOCAST_DTYPES
+from suite.env import cpu_model, device_name
+from suite.errors import SuiteError, suggest
+from suite.options import sha256_json
+from suite.paths import cache_dir as default_cache_dir
+
 _MEMO: dict[str, float] = {}  # per process and folder, so repeated trials do not even read the file
 
 
 def _cache_key(device: str, precision: str) -> dict:
-    import torch
-
-    from suite.env import cpu_model, device_name
-
     key = {
         "device": device_name(device) if device == "cuda" else f"cpu: {cpu_model()}",
         "precision": precision,
@@ -36,16 +38,12 @@ def _cache_key(device: str, precision: str) -> dict:
 
 
 def _sync(device: str) -> None:
-    import torch
-
     if device == "cuda":
         torch.cuda.synchronize()
 
 
 def _time_matmul(a, b, out, reps: int, device: str) -> float:
     """Seconds for `reps` matmuls into a preallocated `out` (no allocation in the loop)."""
-    import torch
-
     _sync(device)
     start = time.perf_counter()
     for _ in range(reps):
@@ -65,9 +63,7 @@ def measure_peak_tflops(device: str, precision: str, *, budget_s: float = 1.5) -
         precision: 'fp32', 'bf16' or 'fp16'.
         budget_s: rough wall-time budget of the timed part.
     """
-    import torch
-
-    dtype = getattr(torch, _DTYPES[precision])
+    dtype = getattr(torch, AUTOCAST_DTYPES[precision] or "float32")  # fp32 runs no autocast: plain float32
     max_n = 8192 if device == "cuda" else 4096
     n = 256
     while True:
@@ -96,21 +92,20 @@ def device_peak_tflops(device: str, precision: str, *, cache_dir: str | Path | N
         device: 'cpu' or 'cuda' (already resolved, not 'auto').
         precision: 'fp32', 'bf16' or 'fp16'.
         cache_dir: where the JSON files go; default `suite.paths.cache_dir('roofline')`.
-    """
-    if precision not in _DTYPES:
-        raise ValueError(f"precision={precision!r} is not one of {', '.join(_DTYPES)}")
-    key = _cache_key(device, precision)
-    if cache_dir is None:
-        from suite.paths import cache_dir as default_cache_dir
 
-        cache_dir = default_cache_dir("roofline")
-    folder = Path(cache_dir)
-    blob = json.dumps(key, sort_keys=True)
-    memo = f"{folder.resolve()}|{blob}"
+    Raises:
+        SuiteError: not a precision name.
+    """
+    if precision not in AUTOCAST_DTYPES:
+        raise SuiteError(f"precision={precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}"
+                         f"{suggest(precision, AUTOCAST_DTYPES)}")
+    key = _cache_key(device, precision)
+    folder = Path(default_cache_dir("roofline") if cache_dir is None else cache_dir)
+    memo = f"{folder.resolve()}|{json.dumps(key, sort_keys=True)}"
     if memo in _MEMO:
         return _MEMO[memo]
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"peak-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    path = folder / f"peak-{sha256_json(key)}.json"  # the same name as json.dumps(key, sort_keys=True) hashed
     try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:

@@ -44,6 +44,7 @@ ROWS = {
 
 
 def record_rows(record: TrialRecord, phase: str) -> list[tuple[str, str]]:
+    """(label, text) for each `ROWS[phase]` entry whose fields were all measured, then any noisy phase."""
     values = {**dataclasses.asdict(record.measure), **dataclasses.asdict(record.probe)}
     rows = []
     for label, fields, fmt in ROWS[phase]:
@@ -59,6 +60,8 @@ def record_rows(record: TrialRecord, phase: str) -> list[tuple[str, str]]:
 
 
 def show_record(record: TrialRecord, phase: str, console=None) -> None:
+    """Print the record's rows, reason and environment as a table titled with its label and status."""
+    # rich only when printing: `suite run --json` and the library never need it.
     from rich.console import Console
     from rich.table import Table
 
@@ -72,5 +75,6 @@ def show_record(record: TrialRecord, phase: str, console=None) -> None:
     if record.reason:
         table.add_row("reason", record.reason)
     env = record.env
-    table.add_row("environment", f"{env.env_device} · torch {env.env_torch} · timm {env.env_timm} · {env.env_threads} threads")
+    table.add_row("environment",
+                  f"{env.env_device} · torch {env.env_torch} · timm {env.env_timm} · {env.env_threads} threads")
     console.print(table)

@@ -22,6 +22,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterable
 
+from suite.errors import SuiteError
 from suite.options import OPTIONS
 from suite.records import STATUSES, Env, MeasureResult, ProbeResult
 
@@ -232,10 +233,10 @@ def _connect_readonly(path: str | Path) -> tuple[Path, sqlite3.Connection]:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as e:
         db.close()
-        raise ValueError(f"{path} is not a results store: {e}") from None
+        raise SuiteError(f"{path} is not a results store: {e}") from None
     if not {"trials", "columns", "meta"} <= tables:
         db.close()
-        raise ValueError(
+        raise SuiteError(
             f"{path} is not a results store: it has no 'trials'/'columns'/'meta' tables "
             f"(expected the {DEFAULT_NAME} written by `suite run`)"
         )
@@ -263,9 +264,9 @@ def load_results(path: str | Path):
         path: a results.sqlite file, or the folder that holds one.
 
     Raises:
-        FileNotFoundError / ValueError: naming the path, when it is not a results store.
+        FileNotFoundError / SuiteError: naming the path, when it is not a results store.
     """
-    import pandas as pd
+    import pandas as pd  # only when reading: the sweep driver writes without ever loading pandas
 
     path, db = _connect_readonly(path)
     try:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from suite.compare import DEFAULT_THRESHOLDS, Threshold, compare, compare_paths, parse_thresholds
+from suite.compare import compare, compare_paths
+from suite.criteria import parse_thresholds
 from factories import GPU, make_record, write_store
 
 MODELS = ("test_vit", "test_resnet", "test_convnext")
@@ -91,29 +92,6 @@ def test_environment_mismatch_is_reported_not_compared():
     assert "### Environment differs (not compared)" in result.markdown
     assert "**Nothing was compared**" in result.markdown
     assert result.exit_code == 1  # a gate that compared nothing must not pass
-
-
-def test_parse_thresholds():
-    parsed = parse_thresholds(["infer_samples_per_sec=-3%", "probe_top1=-0.5", "train_peak_mem_mib=off"])
-    assert parsed == {"infer_samples_per_sec": Threshold("infer_samples_per_sec", 3.0, True),
-                      "probe_top1": Threshold("probe_top1", 0.5, False), "train_peak_mem_mib": None}
-    assert parse_thresholds({"train_samples_per_sec": "10%", "train_step_time": "+2%"}) == {
-        "train_samples_per_sec": Threshold("train_samples_per_sec", 10.0, True),
-        "train_step_time": Threshold("train_step_time", 2.0, True)}
-    assert DEFAULT_THRESHOLDS["train_peak_mem_mib"].text == "+5%" and DEFAULT_THRESHOLDS["probe_top1"].text == "-1"
-
-
-@pytest.mark.parametrize("spec, message", [
-    (["train_samples_per_sec=+5%"], r"train_samples_per_sec is better higher, so its threshold is a drop: write -5%"),
-    (["train_peak_mem_mib=-5%"], r"better lower, so its threshold is an increase: write \+5%"),
-    (["train_samples_per_secs=-5%"], r"unknown metric 'train_samples_per_secs'; did you mean train_samples_per_sec"),
-    (["train_samples_per_sec"], r"write METRIC=CHANGE"),
-    (["train_samples_per_sec=fast"], r"'fast' must be a change like '-5%'"),
-    ({"param_count": "+1%"}, r"compare\.param_count: unknown metric"),
-])
-def test_threshold_errors(spec, message):
-    with pytest.raises(ValueError, match=message):
-        parse_thresholds(spec)
 
 
 def test_custom_threshold_and_off():

@@ -11,13 +11,13 @@ from PIL import Image
 from suite.data import (
     DATASETS,
     DatasetError,
+    cap_per_class,
     check_dataset,
-    eval_transform,
     get_loader,
-    in_memory_batches,
     load_splits,
     stratified_split,
 )
+from suite.images import eval_transform
 from suite.options import Trial
 
 
@@ -76,76 +76,6 @@ def test_digits_cap_and_transform():
     assert float(x.min()) < 0  # mean/std normalized, not 0..1
 
 
-# --------------------------------------------------------------------------- preprocessed in-memory splits
-
-
-def _digits_with_transform(size: int, max_per_class: int = 3, **cfg):
-    import timm
-
-    trunk = timm.create_model("test_vit", num_classes=0)
-    trunk.pretrained_cfg = dict(trunk.pretrained_cfg, **cfg)
-    transform, _ = eval_transform(trunk, size)
-    return load_splits(trial(dataset="digits", max_per_class=max_per_class, image_size=size), transform)
-
-
-@pytest.mark.parametrize("size, cfg", [
-    (40, {}),  # test_vit: bicubic, crop 0.95, mean/std 0.5
-    (24, {"interpolation": "bilinear", "crop_pct": 0.875, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}),
-])
-def test_in_memory_batches_equal_per_image_transform(size, cfg):
-    import torch
-
-    s = _digits_with_transform(size, **cfg)
-    for _, ds in s.items():
-        fast = in_memory_batches(ds, batch_size=4)
-        assert fast is not None and len(fast) == -(-len(ds) // 4)
-        batches = list(fast)
-        assert [len(y) for _, y in batches[:-1]] == [4] * (len(batches) - 1)
-        x = torch.cat([b for b, _ in batches])
-        y = torch.cat([b for _, b in batches])
-        per_image = torch.stack([ds[i][0] for i in range(len(ds))])
-        assert x.dtype == torch.float32 and x.shape == (len(ds), 3, size, size)
-        assert torch.equal(x, per_image)  # bit for bit: the features cannot change
-        assert y.tolist() == ds.labels.tolist()
-
-
-def test_in_memory_cache_reuses_and_bounds_memory(monkeypatch):
-    from suite import data
-
-    monkeypatch.setattr(data, "_prepared", type(data._prepared)())
-    s32 = _digits_with_transform(32)
-    list(in_memory_batches(s32.train, 8))
-    (key, pixels), = data._prepared.items()
-    assert key[0] == s32.train.key and pixels.shape == (len(s32.train), 32, 32)
-    # Another trial at the same size (a new Splits object) reuses the pixels.
-    again = _digits_with_transform(32)
-    list(in_memory_batches(again.train, 8))
-    assert len(data._prepared) == 1 and data._prepared[key] is pixels
-    # Another size is another entry; past the budget the least recently used goes.
-    list(in_memory_batches(_digits_with_transform(16).train, 8))
-    assert len(data._prepared) == 2
-    monkeypatch.setattr(data, "PREPARED_BUDGET_BYTES", pixels.nbytes + 1)
-    list(in_memory_batches(s32.val, 8))
-    assert [k[0] for k in data._prepared] == [s32.val.key]
-    # A split over the budget streams instead (the per-image path), and is not cached.
-    monkeypatch.setattr(data, "PREPARED_BUDGET_BYTES", pixels.nbytes - 1)
-    assert in_memory_batches(s32.train, 8) is None
-
-
-def test_in_memory_batches_only_for_known_shapes(tmp_path):
-    import torchvision.transforms as T
-
-    s = _digits_with_transform(16)
-    transform = s.train.transform
-    assert in_memory_batches(load_splits(trial(dataset="digits", max_per_class=3)).train, 4) is None  # no transform
-    s.set_transform(T.Compose([T.Grayscale(3)] + transform.transforms))  # an unknown step: stream
-    assert in_memory_batches(s.train, 4) is None
-    syn = load_splits(trial(dataset="synthetic", max_per_class=3, image_size=16), transform)
-    assert in_memory_batches(syn.train, 4) is None
-    files = load_splits(trial(dataset="imagefolder", root=str(write_digits_folder(tmp_path, per_class=3))), transform)
-    assert in_memory_batches(files.train, 4) is None
-
-
 def test_synthetic_deterministic_and_sized():
     s = load_splits(trial(dataset="synthetic", max_per_class=5, image_size=24))
     assert len(s.train) + len(s.val) + len(s.test) == 50
@@ -157,8 +87,21 @@ def test_synthetic_deterministic_and_sized():
 
 def test_unknown_dataset_suggests():
     assert set(DATASETS) == {"digits", "imagefolder", "synthetic"}
-    with pytest.raises(DatasetError, match="Did you mean 'digits'"):
+    with pytest.raises(DatasetError, match="did you mean 'digits'"):
         get_loader("digit")
+    with pytest.raises(DatasetError, match="not known; choose one of digits, imagefolder, synthetic$"):
+        get_loader("zzz")  # nothing close: no suggestion
+
+
+def test_cap_per_class_seeded_and_checked():
+    labels = np.array([0] * 10 + [1] * 2)
+    keep = cap_per_class(labels, 3, seed=0)
+    assert np.bincount(labels[keep]).tolist() == [3, 2] and keep.tolist() == sorted(keep.tolist())
+    assert np.array_equal(keep, cap_per_class(labels, 3, seed=0))
+    assert not np.array_equal(keep, cap_per_class(labels, 3, seed=1))
+    assert cap_per_class(labels, None, seed=0).tolist() == list(range(12))
+    with pytest.raises(DatasetError, match="max_per_class=0"):
+        cap_per_class(labels, 0, seed=0)
 
 
 def test_stratified_split_needs_three_per_class():

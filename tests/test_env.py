@@ -10,9 +10,9 @@ from suite.env import capture_env
 
 @pytest.fixture
 def fresh_cache():
-    capture_env.cache_clear()
+    env_mod._capture_env.cache_clear()
     yield
-    capture_env.cache_clear()
+    env_mod._capture_env.cache_clear()
 
 
 def test_auto_is_resolved_like_the_trials_resolve_it(monkeypatch, fresh_cache):
@@ -30,3 +30,19 @@ def test_auto_on_a_cpu_machine_is_cpu(monkeypatch, fresh_cache):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert capture_env("auto").key() == capture_env("cpu").key()
     assert capture_env("auto").env_device == "cpu" and capture_env("auto").env_cuda is None
+
+
+def test_the_allocator_is_part_of_the_environment(fresh_cache):
+    from suite.steady import allocator
+
+    env = capture_env("cpu")
+    assert env.env_allocator == allocator() and env.env_allocator in env.key()
+    assert isinstance(env.env_torch, str) and type(env.env_torch) is str  # not a TorchVersion: pickles light
+
+
+def test_cuda_without_cuda_is_refused(monkeypatch, fresh_cache):
+    from suite.errors import UnsupportedConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UnsupportedConfig):
+        capture_env("cuda")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from suite.export import TIMM_COLUMNS, _chosen_trial, export
+from suite.errors import SuiteError
+from suite.export import _chosen_trial, export
 from suite.store import load_results
 from factories import GPU, make_record, write_store
 
@@ -53,7 +54,13 @@ def test_timm_csv_columns(db):
     assert list(rows[0]) == ["model", "infer_img_size", "infer_batch_size", "infer_samples_per_sec",
                              "infer_step_time", "infer_gmacs", "param_count", "train_img_size", "train_batch_size",
                              "train_samples_per_sec", "train_step_time", "train_gmacs", "trial_id", "config"]
-    assert [c for c, _ in TIMM_COLUMNS] == list(rows[0])[:12]
+    # The header lines of timm's published results/benchmark-{infer,train}-*.csv, written out here.
+    timm = set("model,infer_img_size,infer_samples_per_sec,infer_step_time,infer_batch_size,param_count,"
+               "infer_gmacs,infer_macts".split(",")) | set(
+        "model,train_samples_per_sec,train_step_time,train_batch_size,train_img_size,param_count".split(","))
+    ours = set(rows[0]) - {"trial_id", "config"}
+    assert ours - timm == {"train_gmacs"}  # the suite's own: forward + backward MACs per image
+    assert timm - ours == {"infer_macts"}  # activation counts are not measured
     assert len(rows) == 3  # ok trials only, as timm's CSVs
     assert rows[0]["model"] == "test_resnet"  # fastest inference first, as timm sorts
     assert rows[0]["infer_samples_per_sec"] == "900.0" and rows[0]["infer_gmacs"] == "0.12"
@@ -81,7 +88,7 @@ def test_pytest_benchmark_file_is_read_by_its_cli(db, tmp_path):
 
 def test_pytest_benchmark_refuses_mixed_environments(tmp_path):
     db = write_store(tmp_path / "results.sqlite", [make_record(), make_record(env=GPU)])
-    with pytest.raises(ValueError, match="2 environments"):
+    with pytest.raises(SuiteError, match="2 environments"):
         export(db, "pytest-benchmark", tmp_path / "x.json")
 
 
@@ -120,14 +127,27 @@ def test_open_clip_config_builds_the_measured_tower(db, tmp_path):
 
 
 def test_open_clip_config_errors(db):
-    with pytest.raises(ValueError, match="no trial_id starts with 'zzz'"):
+    with pytest.raises(SuiteError, match="no trial_id starts with 'zzz'"):
         export(db, "open-clip-config", None, trial_id="zzz")
     df = load_results(db)
     df["trial_id"] = ["abc1", "abc2", "xyz", "uvw"]
-    with pytest.raises(ValueError, match="trial_id prefix 'abc' matches 2 trials"):
+    with pytest.raises(SuiteError, match="trial_id prefix 'abc' matches 2 trials"):
         _chosen_trial(df, db, "abc")
     oom = load_results(db).query("status == 'oom'")["trial_id"].iloc[0]
-    with pytest.raises(ValueError, match="has status oom .*export a trial that ran ok"):
+    with pytest.raises(SuiteError, match="has status oom .*export a trial that ran ok"):
         export(db, "open-clip-config", None, trial_id=oom)
-    with pytest.raises(ValueError, match="export format 'timm_csv' is not one of .*did you mean 'timm-csv'"):
+    with pytest.raises(SuiteError, match="export format 'timm_csv' is not one of .*did you mean 'timm-csv'"):
         export(db, "timm_csv", None)
+
+
+def test_open_clip_config_needs_a_select_block_or_a_trial(tmp_path):
+    db = write_store(tmp_path / "results.sqlite", [make_record()], {"experiment": {"name": "t"}})
+    with pytest.raises(SuiteError, match="the experiment has no select block, so there is no best trial"):
+        export(db, "open-clip-config", None)
+    strict = write_store(tmp_path / "strict.sqlite", [make_record()], {"experiment": {"name": "t", "select": {
+        "objective": "max probe_top1", "constraints": ["train_peak_mem_mib <= 1"]}}})
+    with pytest.raises(SuiteError, match="no trial meets the select block's constraints; pass trial_id"):
+        export(strict, "open-clip-config", None)
+    with pytest.raises(SuiteError, match="no trial_id starts with 'zzz'"):
+        export(db, "csv", tmp_path / "new" / "x.csv", trial_id="zzz")
+    assert not (tmp_path / "new").exists()  # a bad request writes nothing

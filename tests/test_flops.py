@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from suite.flops import count_flops, flop_counter
+from suite.tower import TimmTower
 
 # timm's published infer_gmacs at 224 (results/benchmark-infer-*.csv, model cards); MACs = FLOPs / 2.
 PUBLISHED_GMACS = {
@@ -20,8 +21,6 @@ PUBLISHED_GMACS = {
 def _model(name: str, device: str = "cpu", **kwargs) -> torch.nn.Module:
     with torch.device(device):
         return timm.create_model(name, pretrained=False, **kwargs)
-
-
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_GMACS))
@@ -42,6 +41,16 @@ def test_cpu_fused_attention_is_counted():
     reference = count_flops(_model("test_vit", "meta"), x.to("meta"), train=False)
     assert ours == reference
     assert plain.get_total_flops() < ours  # PyTorch alone misses the CPU attention kernel
+
+
+def test_extra_formulas_leave_torchs_registry_alone():
+    # The CPU attention formulas go through custom_mapping: torch's global counter stays as it was.
+    registry = dict(flop_registry)
+    with flop_counter():
+        _model("test_vit")(torch.randn(1, 3, 160, 160))
+    assert dict(flop_registry) == registry
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    assert cpu_attention in flop_counter().flop_registry
 
 
 def test_cpu_attention_backward_is_counted():
@@ -97,9 +106,6 @@ def test_frozen_parameters_lower_training_flops():
 def test_attention_latent_pool_counts_and_leaves_requires_grad_alone():
     # pool='map' feeds a view of a parameter (the latent query) to a Linear; FLOP counting used
     # to fail on it in inference mode.
-    from suite.flops import count_flops
-    from suite.tower import TimmTower
-
     tower = TimmTower("test_vit", 16, image_size=64, pool="map")
     tower.lock(unlocked_groups=1)
     trainable = [p.requires_grad for p in tower.parameters()]

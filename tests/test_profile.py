@@ -20,6 +20,19 @@ def test_trace_is_readable_by_the_tensorboard_plugin(tmp_path):
     data = RunProfileData.parse(worker, None, str(traces[0]), str(tmp_path / "cache"))
     profile = RunGenerator(worker, None, data).generate_run_profile()
     assert profile.views, "the plugin found no views in the trace"
-    op_names = {row["name"] for row in profile.operation_table_by_name["data"]} if hasattr(profile, "operation_table_by_name") else None
-    if op_names is not None:
-        assert any(name.startswith("aten::") for name in op_names)
+    op_names = {row["name"] for row in profile.operation_table_by_name["data"]}
+    assert any(name.startswith("aten::") for name in op_names)
+    assert any("addmm" in name or "linear" in name for name in op_names)  # the ViT's matmuls were traced
+
+
+def test_bad_arguments_are_input_errors(tmp_path):
+    import pytest
+
+    from suite.errors import SuiteError
+    from suite.profile import profile_trial
+
+    trial = Trial(model="test_vit", device="cpu")
+    with pytest.raises(SuiteError, match="phase"):
+        profile_trial(trial, tmp_path, phase="both")
+    with pytest.raises(SuiteError, match="steps: 0"):
+        profile_trial(trial, tmp_path, steps=0)

@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from suite.errors import SuiteError  # noqa: E402
 from suite.options import Trial  # noqa: E402
 from suite.runner import run_trials  # noqa: E402
 
@@ -57,7 +58,7 @@ def test_ray_records_match_the_local_backend(ray_cluster):
 
 
 def test_ray_setup_errors_are_clear(ray_cluster):
-    with pytest.raises(ValueError, match="workers=2 applies to the local backend"):
+    with pytest.raises(SuiteError, match="workers=2 applies to the local backend"):
         run_trials([Trial(model="ok1")], fn="trialfns:behave", backend="ray", workers=2)
     with pytest.raises(RuntimeError, match="cannot import the trial function fn='trialfns:nope' on a Ray worker"):
         run_trials([Trial(model="ok1")], fn="trialfns:nope", backend="ray", progress=False, env_fn=None)

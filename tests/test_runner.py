@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from suite.errors import SuiteError  # noqa: E402
 from suite.options import Trial  # noqa: E402
 from suite.records import Env  # noqa: E402
 from suite.runner import run_trials  # noqa: E402
@@ -113,7 +114,7 @@ def test_one_gpu_per_worker(monkeypatch):
         assert cuda_of_pid.setdefault(pid_of(r), cuda) == cuda  # a worker keeps its GPU
     assert sorted(cuda_of_pid.values()) == ["cuda=5", "cuda=7"]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"  # the driver's environment is restored
-    with pytest.raises(ValueError, match=r"workers=3 but only 2 CUDA GPU"):
+    with pytest.raises(SuiteError, match=r"workers=3 but only 2 CUDA GPU"):
         run(["ok1"], workers=3)
 
 
@@ -158,15 +159,16 @@ def test_broken_env_fn_warns_and_leaves_env_empty():
 
 
 def test_bad_arguments_are_clear_errors():
-    with pytest.raises(ValueError, match="did you mean 'ray'"):
+    # SuiteError: bad input the CLI reports as such (exit 2), not a crash
+    with pytest.raises(SuiteError, match="did you mean 'ray'"):
         run(["ok1"], backend="rya")
-    with pytest.raises(ValueError, match="workers=0"):
+    with pytest.raises(SuiteError, match="workers=0"):
         run(["ok1"], workers=0)
-    with pytest.raises(ValueError, match="timeout_s=0"):
+    with pytest.raises(SuiteError, match="timeout_s=0"):
         run(["ok1"], timeout_s=0)
-    with pytest.raises(ValueError, match="module:function"):
+    with pytest.raises(SuiteError, match="module:function"):
         run(["ok1"], fn="trialfns.behave")
-    with pytest.raises(ValueError, match="backend='ray'"):
+    with pytest.raises(SuiteError, match="backend='ray'"):
         run(["ok1"], address="ray://x:10001")
     with pytest.raises(RuntimeError, match="trialfns:nope"):
         run(["ok1"], fn="trialfns:nope")
@@ -174,7 +176,8 @@ def test_bad_arguments_are_clear_errors():
 
 
 def test_runner_does_not_import_torch():
-    code = "import sys, suite.runner, suite.ray_backend; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, suite.runner, suite.ray_backend, suite.workers, suite.progress, suite.execute, suite.sweep; "
+            "heavy = [m for m in ('torch', 'timm', 'ray') if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -1,51 +1,15 @@
-"""The select block: parsing errors, and ranking with constraints."""
+"""Applying the select block: ranking with constraints, and why each other trial was left out."""
 from __future__ import annotations
 
 import pandas as pd
-import pytest
 
-from suite.select import Constraint, Select, apply_select, parse_select
+from suite.criteria import parse_select
+from suite.select import apply_select, exclusion_reason
 from factories import make_record
 
 
 def frame(*records) -> pd.DataFrame:
     return pd.DataFrame([r.flat() for r in records])
-
-
-def test_parse_full_block():
-    sel = parse_select({"objective": "max probe_top1",
-                        "constraints": ["train_peak_mem_mib <= 20480", "train_samples_per_sec>=500"], "top": 2})
-    assert sel == Select("probe_top1", "max", (Constraint("train_peak_mem_mib", "<=", 20480.0),
-                                                Constraint("train_samples_per_sec", ">=", 500.0)), 2)
-    assert sel.constraints[0].text == "train_peak_mem_mib <= 20480"
-    assert parse_select({"objective": "min train_peak_mem_mib"}).constraints == ()
-
-
-@pytest.mark.parametrize("block, message", [
-    ({"objectve": "max probe_top1"}, r"select\.objectve: unknown key; did you mean 'objective'\?"),
-    ({"constraints": []}, r"select\.objective: missing"),
-    ({"objective": "maximize probe_top1"},
-     r"select\.objective: must be 'max METRIC' or 'min METRIC'.*'maximize probe_top1'"),
-    ({"objective": "max probe_top"}, r"select\.objective: unknown metric 'probe_top'; did you mean .*probe_top1"),
-    ({"objective": "max probe_top1", "constraints": ["train_mem <= 3"]},
-     r"select\.constraints\[0\]: unknown metric 'train_mem'.*did you mean"),
-    ({"objective": "max probe_top1", "constraints": ["train_peak_mem_mib =< 3"]},
-     r"select\.constraints\[0\]: must be 'METRIC OP NUMBER'"),
-    ({"objective": "max probe_top1", "constraints": ["x", "train_peak_mem_mib <= lots"]},
-     r"select\.constraints\[0\]"),
-    ({"objective": "max probe_top1", "constraints": ["train_peak_mem_mib <= lots"]}, r"'lots' is not a number"),
-    ({"objective": "max probe_top1", "constraints": {"a": 1}}, r"select\.constraints: must be a list"),
-    ({"objective": "max probe_top1", "top": 0}, r"select\.top: must be a positive integer"),
-    ("max probe_top1", r"select: must be a mapping"),
-])
-def test_parse_errors_name_the_key_and_value(block, message):
-    with pytest.raises(ValueError, match=message):
-        parse_select(block)
-
-
-def test_where_prefix_is_used():
-    with pytest.raises(ValueError, match=r"^exp\.yaml: select\.top"):
-        parse_select({"objective": "max probe_top1", "top": "3"}, where="exp.yaml: select")
 
 
 def test_apply_ranks_and_explains_exclusions():
@@ -83,3 +47,13 @@ def test_constraints_that_exclude_everything():
     assert result.best is None and result.ranked == [] and result.runner_ups == []
     assert len(result.excluded) == 2
     assert all("fails train_samples_per_sec > 1000" in why for _, why in result.excluded)
+
+
+def test_exclusion_reason_keeps_the_precision_that_explains_it():
+    sel = parse_select({"objective": "max probe_top1",
+                        "constraints": ["train_peak_mem_mib <= 900", "infer_gmacs < 2"]})
+    row = {"status": "ok", "probe_top1": 60.0, "train_peak_mem_mib": 900.5, "infer_gmacs": None}
+    assert exclusion_reason(row, sel) == ("train_peak_mem_mib = 900.5 fails train_peak_mem_mib <= 900; "
+                                          "infer_gmacs not measured (needed for infer_gmacs < 2)")
+    assert exclusion_reason({**row, "train_peak_mem_mib": 899.0, "infer_gmacs": 1.5}, sel) is None
+    assert exclusion_reason({"status": "timeout", "reason": ""}, sel) == "status timeout"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from suite.errors import SuiteError
 from suite.records import Env, TrialRecord
 from suite.store import ResultStore, load_meta, load_results
 
@@ -123,11 +124,11 @@ def test_folder_path_and_clear_errors(tmp_path):
         load_results(tmp_path / "nope.sqlite")
     other = tmp_path / "other.sqlite"
     sqlite3.connect(other).execute("CREATE TABLE x (a)").connection.commit()
-    with pytest.raises(ValueError, match=f"{other} is not a results store"):
+    with pytest.raises(SuiteError, match=f"{other} is not a results store"):
         load_results(other)
     text = tmp_path / "notes.sqlite"
     text.write_text("hello, not a database " * 100)
-    with pytest.raises(ValueError, match=f"{text} is not a results store"):
+    with pytest.raises(SuiteError, match=f"{text} is not a results store"):
         load_results(text)
     assert not (tmp_path / "nope.sqlite").exists()  # reading never creates a file
 
@@ -159,7 +160,8 @@ def test_committed_rows_survive_kill_9(tmp_path):
 
 
 def test_read_side_imports_no_torch():
-    code = ("import suite.report, suite.compare, suite.export, suite.store, suite.select, suite.plots, sys; "
+    code = ("import suite.report, suite.compare, suite.export, suite.store, suite.select, suite.plots, "
+            "suite.criteria, suite.analysis, suite.show, suite.estimate, sys; "
             "assert 'torch' not in sys.modules, 'torch imported'; assert 'matplotlib' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from suite.config import load_experiment
+from suite.errors import ConfigError, UnsupportedConfig
 from suite.store import load_results
-from suite.sweep import run_experiment
+from suite.sweep import known_problems, preflight, run_experiment
 
 EXPERIMENT = """
 name: tiny
@@ -119,3 +121,63 @@ def test_kill_9_of_the_driver_loses_only_trials_in_flight_and_resume_completes(t
     # rows stored before the kill were not run again
     for trial_id, finished in kept.items():
         assert after.loc[after["trial_id"] == trial_id, "finished_at"].item() == finished
+
+
+SMALL = """
+name: small
+device: cpu
+measure: {mode: infer, batch_size: 2, warmup: 1, iters: 2}
+grid: {model: test_vit, image_size: 64, embed_dim: 8, pool: [avg, abs_attn]}
+"""
+
+DRIVER = """
+import sys
+from suite.sweep import run_experiment
+summary = run_experiment(sys.argv[1], out=sys.argv[2], quiet=True)
+assert summary.statuses == {"ok": 1, "skipped": 1}, summary.statuses
+assert summary.report_path.exists()
+heavy = [m for m in ("torch", "timm") if m in sys.modules]
+assert not heavy, f"the sweep driver imported {heavy}"
+"""
+
+
+def test_the_driver_never_imports_torch_and_its_records_share_the_workers_env(tmp_path):
+    exp = write_experiment(tmp_path, SMALL)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", DRIVER, str(exp), str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    df = load_results(out / "results.sqlite")
+    assert sorted(df["status"]) == ["ok", "skipped"]
+    # the skipped record is made by the driver, the ok one by a worker: one environment, so resume finds both
+    assert df["env_key"].nunique() == 1 and df["env_torch"].notna().all()
+
+
+def test_preflight_gives_the_known_problems_and_the_trials_env(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, SMALL))
+    checked = preflight(exp)
+    assert checked.model_problems == [] and checked.known_problems == known_problems(exp)
+    (bad,) = [t for t in exp.trials if t.pool == "abs_attn"]
+    assert list(checked.known_problems) == [bad.trial_id] and "token" in checked.known_problems[bad.trial_id]
+    assert checked.env.env_device == "cpu" and checked.env.env_torch
+
+
+def test_an_unknown_model_is_a_config_error_before_anything_is_written(tmp_path):
+    exp = write_experiment(tmp_path, SMALL.replace("model: test_vit", "model: test_vitt"))
+    with pytest.raises(ConfigError, match="'test_vitt' is not a timm model; did you mean 'test_vit'") as info:
+        run_experiment(exp, out=tmp_path / "out", quiet=True)
+    assert len(info.value.problems) == 1 and info.value.source == str(exp)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_valid_experiment_has_no_known_problems(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, SMALL.replace("pool: [avg, abs_attn]", "pool: [avg, token]")))
+    assert len(exp.trials) == 2 and known_problems(exp) == {}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda_fails_before_anything_is_written(tmp_path):
+    exp = write_experiment(tmp_path, SMALL.replace("device: cpu", "device: cuda"))
+    with pytest.raises(UnsupportedConfig, match="CUDA is not available"):  # raised in the preflight child
+        run_experiment(exp, out=tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,174 @@
+"""Where a tower's weights come from: the `pretrained` option, checkpoint files, state-dict remapping.
+
+`pretrained` is one of: False (random init), True (timm's default weights), a timm tag (`r160_in1k`),
+a hub id (`timm/...` or `hf-hub:...`), or a local checkpoint path. Hub weights are loaded by timm
+itself (`timm_weight_kwargs` says how to ask for them); a local file is read here and fitted to a
+tower, whatever saved it:
+
+- a timm trunk state dict (its classifier is dropped where our head replaces it, as timm does for
+  pretrained weights with another `num_classes`),
+- a tower (`trunk.*`/`head.*`, from `TimmTower` or open_clip's `TimmModel`),
+- a whole open_clip CLIP checkpoint (the `visual.*` tower), possibly wrapped by a trainer
+  (`{'epoch', 'state_dict', ...}`) or saved from DistributedDataParallel (`module.*`).
+
+A file that is missing, unreadable or does not fit raises `WeightsError` naming the file and keys.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from suite.errors import UnsupportedConfig, WeightsError, one_line
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def weights_source(pretrained: bool | str | None) -> tuple[str, Any]:
+    """('none'|'timm'|'file'|'hub'|'tag', value) for the `pretrained` option.
+
+    Raises:
+        UnsupportedConfig: a value that names no source (a number, an empty string).
+    """
+    if pretrained is None or pretrained is False:
+        return "none", None
+    if pretrained is True:
+        return "timm", None
+    if not isinstance(pretrained, (str, Path)) or not str(pretrained):
+        raise UnsupportedConfig(
+            f"pretrained={pretrained!r} is not understood; use false, true, a timm tag, a hub id or a checkpoint path"
+        )
+    path = Path(pretrained).expanduser()
+    if path.exists() or path.suffix.lower() in WEIGHT_SUFFIXES:
+        return "file", path
+    text = str(pretrained)
+    if text.startswith("hf-hub:") or "/" in text:
+        return "hub", text.removeprefix("hf-hub:")
+    return "tag", text
+
+
+def weights_problem(model_name: str, pretrained) -> str | None:
+    """The cheap (offline) check of the `pretrained` option: why it cannot work, or None."""
+    try:
+        kind, value = weights_source(pretrained)
+    except UnsupportedConfig as exc:
+        return f"{model_name}: {exc}"
+    if kind == "file" and not value.is_file():
+        return f"{model_name}: pretrained={str(value)!r}: no such checkpoint file"
+    if kind == "timm" and not timm.models.is_model_pretrained(model_name):
+        return (
+            f"{model_name}: pretrained=True but timm has no pretrained weights for this model; "
+            "use a checkpoint path or false"
+        )
+    if kind == "tag" and "." in model_name:
+        return f"{model_name}: pretrained={value!r} is a tag, but the model name already has one; use pretrained=True"
+    if kind == "tag" and not timm.models.is_model_pretrained(f"{model_name}.{value}"):
+        return (
+            f"{model_name}: pretrained={value!r} is not a timm pretrained tag of this model; "
+            f"see timm.list_pretrained('{model_name}*')"
+        )
+    return None
+
+
+def timm_weight_kwargs(model_name: str, pretrained) -> tuple[str, dict]:
+    """(model name, `timm.create_model` kwargs) that make timm load the asked-for weights ({} for none or a file)."""
+    kind, value = weights_source(pretrained)
+    if kind == "timm":
+        return model_name, {"pretrained": True}
+    if kind == "tag":
+        return f"{model_name}.{value}", {"pretrained": True}
+    if kind == "hub":
+        return model_name, {"pretrained": True, "pretrained_cfg_overlay": {"hf_hub_id": value}}
+    return model_name, {}
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped from trainer dicts and DDP's `module.` prefix.
+
+    Raises:
+        WeightsError: the file is missing, unreadable, or holds no state dict.
+    """
+    if not path.is_file():
+        raise WeightsError(f"pretrained={str(path)!r}: no such checkpoint file")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file  # only for this format; timm depends on it anyway
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no code
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise WeightsError(f"cannot read checkpoint {path}: {one_line(exc)}") from exc
+    # Trainer checkpoints wrap the weights (open_clip: {'epoch', 'state_dict', 'optimizer', ...}).
+    while isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = next((state[k] for k in ("state_dict", "model", "module") if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            keys = ", ".join(repr(k) for k in list(state)[:8])
+            raise WeightsError(f"checkpoint {path} holds no tensors (top-level keys: {keys})")
+        state = inner
+    if not isinstance(state, dict):
+        raise WeightsError(f"checkpoint {path} is a {type(state).__name__}, not a state dict")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = _strip_prefix(state, "module.")
+    return state
+
+
+def load_checkpoint(tower: nn.Module, path: Path) -> None:
+    """Load a checkpoint file into a `TimmTower` (its `trunk` and `model_name` are used), strictly.
+
+    Raises:
+        WeightsError: the file cannot be read or does not fit the tower.
+    """
+    state = read_state_dict(path)
+    if any(k.startswith("visual.") for k in state):  # a whole open_clip CLIP checkpoint
+        state = _strip_prefix(state, "visual.")
+        if not any(k.startswith("trunk.") for k in state):
+            raise WeightsError(f"checkpoint {path} has visual.* keys but no visual.trunk.*: not a timm tower")
+    if any(k.startswith("trunk.") for k in state):  # a tower (TimmTower / open_clip TimmModel)
+        _load_into(tower, state, path, f"tower ({tower.model_name}, trunk and head)")
+        return
+    _load_into(tower.trunk, _fitting_classifier(tower.trunk, state), path, f"timm trunk {tower.model_name}")
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under `prefix`, with it removed (others are dropped)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _fitting_classifier(trunk: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A raw timm state dict without the classifier weights that do not fit `trunk`.
+
+    Our head replaces the trunk's classifier (or the classifier is resized to embed_dim when it is
+    the projection), so a saved 1000-class classifier is dropped where it does not fit, as timm
+    does for pretrained weights with another num_classes.
+    """
+    classifier = trunk.pretrained_cfg.get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    own = trunk.state_dict()
+    return {
+        k: v for k, v in state.items()
+        if not any(k.startswith(c + ".") for c in classifier) or (k in own and own[k].shape == v.shape)
+    }
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """`load_state_dict(strict=True)`, after naming every missing, unexpected or mis-shaped key."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in state if k in expected and state[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        kinds = (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+        parts = [
+            f"{name} {', '.join(repr(k) for k in keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+            for name, keys in kinds if keys
+        ]
+        raise WeightsError(f"checkpoint {path} does not match the {what}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)

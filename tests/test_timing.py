@@ -1,0 +1,57 @@
+"""Steady-state warm-up and per-step timing."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from suite.timing import steady, summarize, time_steps, warm_up
+
+
+def test_time_steps_runs_warmup_then_times_each_iteration():
+    calls = []
+    timing = time_steps(lambda x: calls.append(x), "batch", warmup=2, iters=5, device="cpu")
+    assert len(timing.times_ms) == 5
+    assert len(calls) == timing.warmup_steps + 5 and timing.warmup_steps >= 2
+    with pytest.raises(ValueError, match="iters=0"):
+        time_steps(lambda x: None, None, warmup=0, iters=0, device="cpu")
+    with pytest.raises(ValueError, match="warmup=-1"):
+        time_steps(lambda x: None, None, warmup=-1, iters=1, device="cpu")
+
+
+def test_summary_is_median_and_inclusive_iqr():
+    t = summarize([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert t.median_ms == 3.0 and t.iqr_ms == 2.0  # q1=2, q3=4: the outlier moves neither
+    assert summarize([5.0]).iqr_ms == 0.0
+
+
+def test_steady_compares_the_last_two_windows():
+    assert not steady([10, 10, 10])  # fewer than two windows
+    assert steady([50, 40, 10, 10, 10, 10.2, 10.1, 10.3])
+    assert not steady([30, 25, 20, 15, 12, 10])  # still falling
+    assert not steady([10, 10, 10, 13, 13, 13])  # a 30% jump is not steady
+
+
+def test_warm_up_continues_until_step_time_stops_drifting():
+    """A step that speeds up over its first 10 calls (lazy loading, allocator growth) is warmed past them."""
+    calls = []
+
+    def step(_):
+        calls.append(1)
+        time.sleep(0.04 / len(calls) if len(calls) <= 10 else 0.002)
+
+    steps, settled = warm_up(step, None, warmup=2, device="cpu")
+    assert settled and steps >= 10  # still speeding up until then
+    timing = time_steps(step, None, warmup=0, iters=3, device="cpu")
+    assert max(timing.times_ms) < 10  # no slow call was timed
+
+
+def test_warm_up_is_bounded_by_its_time_limit():
+    calls = []
+
+    def drifting(_):
+        calls.append(1)
+        time.sleep(1e-4 * 1.1 ** len(calls))  # 10% slower every call: never steady
+
+    steps, settled = warm_up(drifting, None, warmup=1, device="cpu", max_warmup_s=0.3)
+    assert not settled and steps >= 2
