@@ -109,9 +109,23 @@ def run_trial(trial, *, cache_dir: str | Path | None = None) -> TrialRecord:
         result = measure(trial, cache_dir=_sub(cache_dir, "roofline"))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a record
         status, reason = classify(exc)
-    finally:
-        release_memory()
+    status, reason = _cleaned_up(status, reason)
     return TrialRecord(trial, status, reason, result, probe, env, started_at=started, finished_at=time.time())
+
+
+def _cleaned_up(status: str, reason: str) -> tuple[str, str]:
+    """Release the trial's memory; a failing cleanup (a sticky CUDA error) never hides the real status.
+
+    The trial's own failure stays its status, with the cleanup's failure added to the reason; an ok
+    trial whose cleanup fails becomes an error (the device is unusable for the next trial).
+    """
+    try:
+        release_memory()
+    except Exception as exc:  # noqa: BLE001 - e.g. "CUDA error: an illegal memory access" again
+        if status == "ok":
+            return "error", f"cleanup after the trial failed: {one_line(exc)}"
+        return status, f"{reason}; cleanup also failed: {one_line(exc)}"
+    return status, reason
 
 
 def _sub(cache_dir, name: str):

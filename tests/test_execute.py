@@ -71,3 +71,17 @@ def test_trial_env_is_the_env_of_the_measuring_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "cpu"
+
+
+def test_a_failing_cleanup_never_hides_the_trials_status(monkeypatch):
+    """A sticky CUDA error raises again in cleanup: the trial's own failure must stay its status."""
+    import suite.execute as ex
+
+    def sticky():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(ex, "release_memory", sticky)
+    assert ex._cleaned_up("oom", "OutOfMemoryError: x") == (
+        "oom", "OutOfMemoryError: x; cleanup also failed: RuntimeError: CUDA error: an illegal memory access was encountered")
+    status, reason = ex._cleaned_up("ok", "")
+    assert status == "error" and reason.startswith("cleanup after the trial failed")
