@@ -161,12 +161,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
 def cmd_compare(args) -> int:
     from suite.compare import compare_paths
     from suite.criteria import parse_thresholds
 
     thresholds = parse_thresholds(args.threshold) if args.threshold else None
-    result = compare_paths(_results(args.baseline), _results(args.current), thresholds)
+    baseline, current = _results(args.baseline), _results(args.current)
+    if args.confirm:
+        from suite.confirm import confirm_paths
+
+        result = confirm_paths(baseline, current, thresholds, rounds=args.confirm, console=_console())
+    else:
+        result = compare_paths(baseline, current, thresholds)
     if args.output:
         Path(args.output).write_text(result.markdown)
     print(result.markdown)
@@ -238,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", action="append", metavar="METRIC=CHANGE",
                    help="e.g. train_samples_per_sec=-3%% or probe_top1=-0.5 (repeatable)")
     p.add_argument("-o", "--output", help="also write the markdown table here")
+    p.add_argument("--confirm", type=_positive_int, nargs="?", const=3, default=0, metavar="ROUNDS",
+                   help="re-measure flagged throughput regressions ROUNDS times (default 3) on this machine "
+                        "and fail only on those that hold")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="export results: " + ", ".join(FORMATS))

@@ -7,6 +7,11 @@ of both runs: for timing metrics the noise is the sum of the two runs' relative 
 Trials present in one run only, and trials measured in different environments (another GPU,
 another torch), are listed, never compared silently.
 
+Run-to-run variance is larger than any one run's IQR (the machine drifts between runs), so a
+flagged throughput regression can be confirmed before it fails the gate: `suite compare --confirm`
+(`suite.confirm`) re-measures only the flagged trials, in rounds interleaved in one worker, and
+`apply_confirmation` keeps a regression only if the re-measured median still fails its threshold.
+
 Thresholds: a relative change ("-5%") or an absolute one in the metric's unit ("-1" for probe
 top-1 points); the sign must point the metric's wrong way (or be left out). "off" disables one.
 They are parsed by `suite.criteria` (so an experiment file is checked without this module).
@@ -15,6 +20,7 @@ This module must stay light: no torch.
 """
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -24,6 +30,7 @@ from suite.criteria import (
     DEFAULT_THRESHOLDS, GATEABLE, Threshold, format_metric, higher_is_better, parse_thresholds,
 )
 from suite.rows import AXES, cell, get, num, rel_iqr, rows_of, table, trial_label, varying_axes
+from suite.stats import half_width
 from suite.store import load_meta, load_results
 
 
@@ -39,6 +46,8 @@ class Change:
     threshold: Threshold | None
     noise: float | None  # combined relative IQR (timing metrics only)
     verdict: str  # "regression" | "improvement" | "within noise" | "within threshold" | "unchanged" | "not gated"
+    #               | "not confirmed" (flagged, but a re-measurement did not reproduce it)
+    remeasured: tuple[float, ...] = ()  # --confirm: the re-measured current values
 
     @property
     def rel_change(self) -> float | None:
@@ -58,12 +67,14 @@ class Comparison:
 
     changes: list[Change] = field(default_factory=list)
     regressions: list[str] = field(default_factory=list)  # one line each (status changes included)
+    status_regressions: list[str] = field(default_factory=list)  # trials that ran ok before and no longer do
     only_in_baseline: list[str] = field(default_factory=list)
     only_in_current: list[str] = field(default_factory=list)
     env_mismatch: list[str] = field(default_factory=list)
     status_changes: list[str] = field(default_factory=list)
     n_compared: int = 0
     markdown: str = ""
+    confirmed: bool = False  # flagged timing regressions were re-measured (`apply_confirmation`)
 
     @property
     def exit_code(self) -> int:
@@ -75,7 +86,15 @@ _TIMING_PHASE = re.compile(r"^(infer|train)_(samples_per_sec|step_time|tflops|mf
 
 
 def _noise(metric: str, a, b) -> float | None:
-    """Combined relative IQR of both runs for timing metrics, None for the rest."""
+    """Combined relative IQR of both runs for timing metrics; for a probe accuracy with a 95% interval
+    in both runs, the half-width of the difference's interval (the two half-widths in quadrature),
+    relative to the baseline, so a drop counts only beyond both the threshold and the interval
+    (`suite.stats`); None for the rest."""
+    if num(get(a, f"{metric}_lo")) is not None and num(get(b, f"{metric}_lo")) is not None:
+        halves = [half_width(num(get(r, f"{metric}_lo")), num(get(r, f"{metric}_hi"))) for r in (a, b)]
+        base = num(get(a, metric))
+        if None not in halves and base:
+            return math.hypot(*halves) / abs(base)
     m = _TIMING_PHASE.match(metric)
     spreads = [rel_iqr(row, m.group(1)) for row in (a, b)] if m else [None]
     return None if None in spreads else sum(spreads)
@@ -117,6 +136,7 @@ def _compare_pair(out: Comparison, tid: str, label: str, b, c, gates: dict[str, 
         line = f"{label}: status {bs} → {cs}" + (f" ({get(c, 'reason')})" if get(c, "reason") else "")
         out.status_changes.append(line)
         if bs == "ok":  # it ran before and no longer does: the worst regression
+            out.status_regressions.append(line)
             out.regressions.append(line)
         return
     if bs != "ok":
@@ -130,8 +150,45 @@ def _compare_pair(out: Comparison, tid: str, label: str, b, c, gates: dict[str, 
         change = Change(tid, label, metric, xb, xc, gates[metric], noise, _judge(metric, xb, xc, gates[metric], noise))
         out.changes.append(change)
         if change.verdict == "regression":
-            out.regressions.append(f"{label}: {metric} {format_metric(metric, xb)} → {format_metric(metric, xc)} "
-                                   f"({change.change_text}, threshold {gates[metric].text})")
+            out.regressions.append(_regression_line(change))
+
+
+def _regression_line(ch: Change) -> str:
+    line = (f"{ch.label}: {ch.metric} {format_metric(ch.metric, ch.baseline)} → {format_metric(ch.metric, ch.current)} "
+            f"({ch.change_text}, threshold {ch.threshold.text})")
+    if ch.remeasured:
+        line += f"; confirmed: re-measured {', '.join(format_metric(ch.metric, x) for x in ch.remeasured)}"
+    return line
+
+
+def is_timing(metric: str) -> bool:
+    """Whether `metric` is a throughput/step-time figure (the kind a re-measurement can confirm)."""
+    return _TIMING_PHASE.match(metric) is not None
+
+
+def flagged_timing(c: Comparison) -> list[Change]:
+    """The timing regressions of `c`, the ones `--confirm` re-measures."""
+    return [ch for ch in c.changes if ch.verdict == "regression" and is_timing(ch.metric)]
+
+
+def apply_confirmation(c: Comparison, remeasured: dict[tuple[str, str], list[float]], gates: dict) -> Comparison:
+    """Re-judge flagged timing regressions against re-measured current values, in place.
+
+    A regression holds when the median of the re-measurements still fails its threshold against the
+    baseline; otherwise its verdict becomes "not confirmed" and it no longer fails the gate. A flagged
+    trial without re-measurements (another environment, or its re-run failed) stays a regression.
+    """
+    for ch in flagged_timing(c):
+        values = remeasured.get((ch.trial_id, ch.metric))
+        if not values:
+            continue
+        ch.remeasured = tuple(values)
+        again = _judge(ch.metric, ch.baseline, statistics.median(values), ch.threshold, None)
+        ch.verdict = "regression" if again == "regression" else "not confirmed"
+    c.regressions = c.status_regressions + [_regression_line(ch) for ch in c.changes if ch.verdict == "regression"]
+    c.confirmed = True
+    c.markdown = _markdown(c, gates)
+    return c
 
 
 def compare(baseline_df, current_df, thresholds: dict | None = None) -> Comparison:
@@ -175,6 +232,11 @@ def _markdown(c: Comparison, gates: dict) -> str:
     lines.append(f"{c.n_compared} trials compared, {len(c.regressions)} regressions. Thresholds: "
                  + ", ".join(f"`{m}` {t.text}" for m, t in gates.items() if t is not None)
                  + "; a change within the two runs' combined step-time IQR is noise, not a regression.")
+    if c.confirmed:
+        held = sum(ch.verdict == "regression" and bool(ch.remeasured) for ch in c.changes)
+        dropped = sum(ch.verdict == "not confirmed" for ch in c.changes)
+        lines.append(f"Flagged throughput regressions were re-measured: {held} held, {dropped} did not "
+                     "(not confirmed: run-to-run noise, not a regression).")
     if c.n_compared == 0:
         lines += ["", "**Nothing was compared**: no trial ran ok in both runs in the same environment, "
                   "so this gate cannot pass."]
@@ -201,7 +263,7 @@ def _markdown(c: Comparison, gates: dict) -> str:
         lines += ["", "### Per metric", "",
                   table(["metric", "threshold", "n", "median change", "worst change", "regressions", "improvements"],
                         body, "llrrrrr")]
-    moved = [ch for ch in c.changes if ch.verdict in ("regression", "improvement")]
+    moved = [ch for ch in c.changes if ch.verdict in ("regression", "improvement", "not confirmed")]
     if moved:
         lines += ["", "### Changes beyond threshold and noise", "", _change_table(moved, with_metric=True)]
     if c.changes:
@@ -227,9 +289,15 @@ def compare_paths(baseline_path: str | Path, current_path: str | Path, threshold
     Thresholds, later winning: DEFAULT_THRESHOLDS, the current run's experiment `compare:` block,
     then `thresholds` (e.g. parsed from the command line).
     """
-    gates: dict[str, Threshold | None] = {}
+    gates = gates_of(current_path, thresholds)
+    return compare(load_results(baseline_path), load_results(current_path), gates)
+
+
+def gates_of(current_path: str | Path, thresholds: dict | None = None) -> dict[str, Threshold | None]:
+    """The thresholds `compare_paths` applies: defaults, the experiment's `compare:` block, `thresholds`."""
+    gates: dict[str, Threshold | None] = dict(DEFAULT_THRESHOLDS)
     exp = load_meta(current_path).get("experiment") or {}
     if isinstance(exp, dict) and exp.get("compare"):
         gates.update(parse_thresholds(exp["compare"]))
     gates.update(thresholds or {})
-    return compare(load_results(baseline_path), load_results(current_path), gates)
+    return gates

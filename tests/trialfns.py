@@ -16,7 +16,8 @@ import time
 from suite.records import Env, MeasureResult, ProbeResult, TrialRecord
 
 
-def behave(trial, *, slow_s: float = 0.5, measured_s: float = 0.25, marker_dir: str | None = None) -> TrialRecord:
+def behave(trial, *, slow_s: float = 0.5, measured_s: float = 0.25, marker_dir: str | None = None,
+           rate: float = 100.0) -> TrialRecord:
     """Act as the trial's model name says (see the module docstring)."""
     started = time.time()
     name = trial.model
@@ -38,7 +39,7 @@ def behave(trial, *, slow_s: float = 0.5, measured_s: float = 0.25, marker_dir: 
         time.sleep(slow_s)
     reason = (f"pid={os.getpid()} cuda={os.environ.get('CUDA_VISIBLE_DEVICES', '-')} "
               f"threads={os.environ.get('OMP_NUM_THREADS', '-')}")
-    return TrialRecord(trial, "ok", reason, MeasureResult(infer_samples_per_sec=100.0, measured_time_s=measured_s),
+    return TrialRecord(trial, "ok", reason, MeasureResult(infer_samples_per_sec=rate, measured_time_s=measured_s),
                        ProbeResult(probe_top1=50.0, probe_time_s=0.5), fake_env("cpu"),
                        started_at=started, finished_at=time.time())
 

@@ -1,0 +1,119 @@
+"""Does the regression gate cry wolf? Identical runs must pass; an injected 10% slowdown must fail.
+
+    python benchmarks/bench_gate.py                           # experiments/smoke.yaml, 3 pairs
+    python benchmarks/bench_gate.py --pairs 1 --slowdown 0.10 --confirm 3
+
+1. Runs the experiment `pairs + 1` times in a row (same machine, same commit) and compares each
+   run with the one before: `suite compare` must pass (no throughput or memory regression), first
+   as it is, then with `--confirm` where it flagged something.
+2. Runs the same trials once more with every timed step made `slowdown` slower on purpose (a trial
+   function that busy-waits that fraction of each step's own duration), and compares it with the
+   last identical run: the gate must fail, with and without `--confirm` (which re-measures with the
+   same slowed steps, as CI re-measures the slowed code).
+
+Prints figures; exits non-zero only on an error. Needs an idle machine (several minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+class _Slowed:
+    """A step that busy-waits `factor` of its own duration after each call (other attributes pass through)."""
+
+    def __init__(self, step, factor: float):
+        self._step, self._factor = step, factor
+
+    def __call__(self, x):
+        t0 = time.perf_counter()
+        out = self._step(x)
+        end = time.perf_counter() + self._factor * (time.perf_counter() - t0)
+        while time.perf_counter() < end:
+            pass
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._step, name)
+
+
+def slower_trial(trial, factor: float = 0.10):
+    """`suite.execute.run_trial` with every measured step `factor` slower (runs in a worker)."""
+    import suite.measure as measure
+    from suite.execute import run_trial
+
+    make_step = measure._make_step
+    if not getattr(make_step, "slowed", False):
+        def slowed(*args, **kwargs):
+            return _Slowed(make_step(*args, **kwargs), factor)
+
+        slowed.slowed = True
+        measure._make_step = slowed
+    return run_trial(trial)
+
+
+def _gate(base: Path, cur: Path, confirm: int, fn: str, fn_kwargs: dict | None) -> str:
+    from suite.compare import compare_paths, is_timing
+    from suite.confirm import confirm_paths
+
+    plain = compare_paths(base, cur)
+    timing = sum(is_timing(ch.metric) and ch.verdict == "regression" for ch in plain.changes)
+    memory = sum("mem" in ch.metric and ch.verdict == "regression" for ch in plain.changes)
+    text = (f"{'FAIL' if plain.exit_code else 'PASS'}: {plain.n_compared} trials compared, "
+            f"{timing} throughput and {memory} memory regressions")
+    if confirm and timing:
+        confirmed = confirm_paths(base, cur, rounds=confirm, fn=fn, fn_kwargs=fn_kwargs)
+        held = sum(ch.verdict == "regression" and is_timing(ch.metric) for ch in confirmed.changes)
+        text += f"; with --confirm {confirm}: {'FAIL' if confirmed.exit_code else 'PASS'} ({held} held)"
+    return text
+
+
+def _slow_run(exp_path: str, out: Path, like: Path, slowdown: float) -> Path:
+    """The experiment's trials through `slower_trial`, stored like a sweep stores them."""
+    from suite.config import load_experiment
+    from suite.runner import run_trials
+    from suite.store import ResultStore, load_meta
+
+    exp = load_experiment(exp_path)
+    db = out / "results.sqlite"
+    out.mkdir(parents=True)
+    with ResultStore(db) as store:
+        for key, value in load_meta(like).items():
+            store.set_meta(key, value)
+        run_trials(list(exp.trials), fn="bench_gate:slower_trial", fn_kwargs={"factor": slowdown},
+                   on_result=store.write, progress=False)
+    return db
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="experiments/smoke.yaml")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--slowdown", type=float, default=0.10)
+    parser.add_argument("--confirm", type=int, default=3, help="rounds of --confirm (0: off)")
+    parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))  # workers import `bench_gate:slower_trial`
+    from suite.sweep import run_experiment
+    from suite.workers import DEFAULT_FN
+
+    root = Path(args.out or tempfile.mkdtemp(prefix="bench-gate-"))
+    runs = []
+    for i in range(args.pairs + 1):
+        start = time.perf_counter()
+        summary = run_experiment(args.experiment, out=root / f"run{i}", quiet=True, report=False)
+        runs.append(summary.db_path)
+        print(f"run {i}: {summary.ran} trials, {summary.statuses} in {time.perf_counter() - start:.0f} s", flush=True)
+        if i:
+            print(f"  compare run{i - 1} run{i}: " + _gate(runs[i - 1], runs[i], args.confirm, DEFAULT_FN, None),
+                  flush=True)
+    slow = _slow_run(args.experiment, root / "slow", runs[-1], args.slowdown)
+    print(f"injected {args.slowdown:.0%} slowdown: compare run{args.pairs} slow: "
+          + _gate(runs[-1], slow, args.confirm, "bench_gate:slower_trial", {"factor": args.slowdown}))
+
+
+if __name__ == "__main__":
+    main()

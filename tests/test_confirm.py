@@ -1,0 +1,49 @@
+"""Confirming flagged throughput regressions by re-measuring them before failing the gate."""
+from __future__ import annotations
+
+from factories import make_record, write_store
+
+from suite.compare import apply_confirmation, compare_paths, gates_of
+from suite.confirm import confirm_paths
+from trialfns import fake_env
+
+FAKE_ENV = {k: v for k, v in vars(fake_env("cpu")).items() if v is not None and k != "env_platform"}
+FAST = dict(infer_samples_per_sec=100.0, infer_step_time=160.0, infer_step_time_iqr=1.0)
+SLOW = dict(infer_samples_per_sec=80.0, infer_step_time=200.0, infer_step_time_iqr=1.0)
+
+
+def _stores(tmp_path, base: dict, cur: dict):
+    a = write_store(tmp_path / "a" / "results.sqlite", [make_record("ok_tower", env=FAKE_ENV, **base)])
+    b = write_store(tmp_path / "b" / "results.sqlite", [make_record("ok_tower", env=FAKE_ENV, **cur)])
+    return a, b
+
+
+def test_a_flag_that_does_not_reproduce_is_not_confirmed(tmp_path):
+    base, cur = _stores(tmp_path, FAST, SLOW)
+    assert compare_paths(base, cur).exit_code == 1  # -20%: flagged
+    result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 99.0})
+    change = next(ch for ch in result.changes if ch.metric == "infer_samples_per_sec")
+    assert change.verdict == "not confirmed" and change.remeasured == (99.0, 99.0)
+    assert result.exit_code == 0 and "1 did not" in result.markdown
+
+
+def test_a_real_slowdown_is_confirmed(tmp_path):
+    base, cur = _stores(tmp_path, FAST, SLOW)
+    result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 89.0})  # 11% slower
+    change = next(ch for ch in result.changes if ch.metric == "infer_samples_per_sec")
+    assert change.verdict == "regression" and result.exit_code == 1
+    assert "confirmed: re-measured" in result.regressions[0]
+
+
+def test_without_remeasurements_a_flag_stays_a_regression(tmp_path):
+    """A trial that cannot be re-measured here (another environment) must not pass silently."""
+    base, cur = _stores(tmp_path, FAST, SLOW)
+    result = apply_confirmation(compare_paths(base, cur), {}, gates_of(cur))
+    assert result.exit_code == 1
+
+
+def test_status_regressions_survive_confirmation(tmp_path):
+    a = write_store(tmp_path / "a" / "results.sqlite", [make_record("ok_tower", env=FAKE_ENV, **FAST)])
+    b = write_store(tmp_path / "b" / "results.sqlite", [make_record("ok_tower", "error", "boom", env=FAKE_ENV)])
+    result = apply_confirmation(compare_paths(a, b), {}, gates_of(b))
+    assert result.exit_code == 1 and "status ok → error" in result.regressions[0]
