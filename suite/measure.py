@@ -5,7 +5,8 @@ no memory. Per phase (inference, training) here:
 
 1. with `compile`, dynamo is reset and the tower compiled; the compile (its first call) is timed
    and reported apart;
-2. a memory pass, untimed: two steps with peak live-tensor memory tracked (see `suite.memory`);
+2. a memory pass, untimed: two steps with peak live-tensor memory tracked and broken down, and a
+   second pass at half the batch for the capacity line (see `suite.memory`, `suite.footprint`);
 3. the timed loop: steady-state warm-up, then `iters` steps each timed on its own, reported as
    median and IQR and flagged noisy when IQR/median exceeds `trial.noise_threshold`
    (see `suite.timing`).
@@ -20,6 +21,7 @@ Exceptions propagate (the sweep turns them into statuses); the one caught is OOM
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from contextlib import contextmanager
@@ -33,7 +35,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from suite.device import autocast, autocast_dtype, place, resolve_device, strict_fp32
 from suite.errors import UnsupportedConfig
-from suite.memory import MemoryBaseline, PassMemory, is_oom, settle, tensor_mib
+from suite.footprint import (
+    PhaseMemory, budget_mib, capacity_fields, lock_check, phase_memory, search_batch, state_check,
+)
+from suite.memory import MemoryBaseline, is_oom, settle
 from suite.options import options_in
 from suite.records import MeasureResult
 from suite.steady import steady_allocator
@@ -41,7 +46,6 @@ from suite.steps import compile_stats, infer_step_fn, make_inputs, reset_compile
 from suite.timing import Timing, cudnn_benchmark, time_steps
 
 _FLOP_BATCH = 2  # FLOPs are counted on a small batch and scaled: they are linear in the batch
-_MEMORY_STEPS = 2  # steps of the memory pass: the second runs with the optimizer state in place
 
 # --- one phase --------------------------------------------------------------------------------
 
@@ -49,7 +53,7 @@ _MEMORY_STEPS = 2  # steps of the memory pass: the second runs with the optimize
 class _Phase:
     batch_size: int
     timing: Timing
-    memory: PassMemory
+    memory: PhaseMemory
     compile_s: float
     wall_s: float
     skipped_steps: int | None  # training: optimizer steps the fp16 scaler skipped while timing
@@ -71,25 +75,16 @@ def _compile(phase: str, tower, trial, device: str, inputs) -> float:
     return time.perf_counter() - t0
 
 
-def _memory_pass(phase: str, tower, trial, device: str, inputs, baseline: MemoryBaseline) -> PassMemory:
-    """Peak memory of `_MEMORY_STEPS` steps of a fresh step (fresh optimizer), untimed.
-
-    On CPU the pass runs eagerly: compiled code allocates outside the dispatcher, where the
-    live-tensor count cannot see it. On CUDA the allocator counts compiled code too.
-    """
-    with baseline.track(tensor_mib(tower)) as out:
-        step = _make_step(phase, tower, trial, device, eager=device != "cuda")
-        for _ in range(_MEMORY_STEPS):
-            step(inputs)
-        del step
-    tower.zero_grad(set_to_none=True)
-    return out[0]
-
-
 def _run_phase(phase: str, tower, trial, device: str, batch_size: int, baseline: MemoryBaseline) -> _Phase:
     inputs = make_inputs(trial, device, batch_size)
+    measured = None
+    if trial.max_batch:  # before compiling: the search recompiles per batch size
+        budget = budget_mib(trial, device)
+        measured = search_batch(phase, tower, trial, device, baseline, budget, batch_size)
     compile_s = _compile(phase, tower, trial, device, inputs) if trial.compile else 0.0
-    memory = _memory_pass(phase, tower, trial, device, inputs, baseline)
+    memory = phase_memory(phase, tower, trial, device, inputs, baseline)  # untimed, see suite.footprint
+    if measured is not None:
+        memory = dataclasses.replace(memory, max_batch_measured=measured)
     settle(device)
     step = _make_step(phase, tower, trial, device)
     t0 = time.perf_counter()
@@ -172,14 +167,13 @@ def _count_flops(tower, trial, device: str, dtype: torch.dtype | None, *, cache:
     seen = _MatmulDtypes()
     with autocast(device, dtype), seen:
         infer = count_flops(tower, x, train=False)
+        # Training too under autocast: the same count, and flash attention has no fp32 kernel.
+        train = count_flops(tower, x, train=True) // _FLOP_BATCH if trial.mode in ("both", "train") else None
     if dtype is not None and dtype not in seen.dtypes:
         raise UnsupportedConfig(
             f"precision={trial.precision!r} did not take effect on {device}: the matmuls ran in "
             f"{sorted(str(d) for d in seen.dtypes)}; use precision='fp32'"
         )
-    train = None
-    if trial.mode in ("both", "train"):
-        train = count_flops(tower, x, train=True) // _FLOP_BATCH
     result = (infer // _FLOP_BATCH, train)
     if cache:
         _FLOP_CACHE[key] = result
@@ -308,13 +302,23 @@ def _phase_fields(phase: str, p: _Phase, flops: int, peak_tflops: float, trial) 
         f"{phase}_gflops": flops / 1e9,
         f"{phase}_tflops": tflops,
         f"{phase}_mfu": tflops / peak_tflops,
-        f"{phase}_peak_mem_mib": p.memory.peak_mib,
-        f"{phase}_peak_reserved_mib": p.memory.reserved_mib,
-        f"{phase}_rss_growth_mib": p.memory.rss_growth_mib,
+        f"{phase}_peak_mem_mib": p.memory.peak.peak_mib,
+        f"{phase}_peak_reserved_mib": p.memory.peak.reserved_mib,
+        f"{phase}_rss_growth_mib": p.memory.peak.rss_growth_mib,
+        **capacity_fields(phase, p.memory),
         f"{phase}_noisy": p.timing.iqr_ms / p.timing.median_ms > trial.noise_threshold,
         f"{phase}_warmup_steps": p.timing.warmup_steps,
         f"{phase}_warmup_steady": p.timing.warmup_steady,
     }
+
+
+def _checks(tower, trial, phases: dict) -> dict[str, Any]:
+    """Whether the lock and the train state took effect (`suite.footprint`), and the capacity budget."""
+    lock_ok, lock_why = lock_check(tower, trial)
+    state_ok, state_why = state_check(phases["train"].memory.state if "train" in phases else None)
+    budgets = [p.memory.budget_mib for p in phases.values()]
+    return {"lock_ok": lock_ok, "train_state_ok": state_ok, "capacity_budget_mib": budgets[0] if budgets else None,
+            "check_reason": "; ".join(w for ok, w in ((lock_ok, lock_why), (state_ok, state_why)) if ok is False)}
 
 
 def _measure(trial, tower, device: str, dtype, cache_dir) -> MeasureResult:
@@ -343,6 +347,7 @@ def _measure(trial, tower, device: str, dtype, cache_dir) -> MeasureResult:
             fields.update(_phase_fields(phase, phases[phase], flops, peak_tflops, trial))
     if "train" in phases:
         fields["train_skipped_steps"] = phases["train"].skipped_steps
+    fields.update(_checks(tower, trial, phases))
     if trial.compile:
         fields.update(compile_time_s=sum(p.compile_s for p in phases.values()),
                       compile_graphs=sum(p.graphs for p in phases.values()),

@@ -11,6 +11,13 @@ activations, gradients and optimizer state, and nothing an earlier trial or the 
   subtracts them when they are freed: independent of glibc's heap state and of the process's
   history, unlike the resident set. The RSS growth of the pass is kept as a secondary figure.
 
+The breakdown of the peak (weights, gradients, optimizer state, activations) comes from the same
+dispatch mode on both devices: it logs every storage, the caller tags gradients and optimizer
+state as they appear, and the storages live at the peak are summed by tag. On CPU the parts add
+up to the peak exactly (one counter); on CUDA the total is the allocator's, and what the dispatch
+mode cannot see (allocator rounding, library workspaces allocated in the pass) is left out of the
+parts, so they add up to a little less than the peak.
+
 The pass runs before the timed loop (see `suite.measure`), so tracking never slows a timed step.
 """
 from __future__ import annotations
@@ -31,23 +38,33 @@ MIB = 2**20
 
 
 class LiveTensors(TorchDispatchMode):
-    """Live bytes of the tensor storages created inside the mode, and their peak.
+    """Live bytes of the tensor storages created inside the mode, their peak, and what was live then.
 
     Storages are keyed by data pointer, so views and in-place results are counted once, and
     released through a weak-reference finalizer when torch frees them. Tensors that existed before
     the mode (weights) are not counted: the caller adds them once.
+
+    Every allocation is logged (size, when it was born and died, a kind the caller may `tag`), so
+    the storages live at the peak can be told apart after the pass (`at_peak`) without copying the
+    live set each time the peak grows.
     """
 
     def __init__(self):
         super().__init__()
         self.live = 0
         self.peak = 0
-        self._sizes: dict[int, int] = {}
+        self._by_ptr: dict[int, int] = {}  # data pointer -> index into _allocs, while live
+        self._allocs: list[list] = []  # [nbytes, born, died (None: live), kind (None: untagged)]
+        self._clock = 0
+        self._peak_at = 0
 
-    def _release(self, ptr: int, nbytes: int) -> None:
-        if self._sizes.get(ptr) == nbytes:
-            del self._sizes[ptr]
-            self.live -= nbytes
+    def _release(self, ptr: int, index: int) -> None:
+        if self._by_ptr.get(ptr) == index:
+            del self._by_ptr[ptr]
+            record = self._allocs[index]
+            self._clock += 1
+            record[2] = self._clock
+            self.live -= record[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -56,12 +73,31 @@ class LiveTensors(TorchDispatchMode):
                 continue
             storage = t.untyped_storage()
             ptr, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or ptr in self._sizes:
+            if nbytes == 0 or ptr in self._by_ptr:
                 continue
-            self._sizes[ptr] = nbytes
+            self._clock += 1
+            self._by_ptr[ptr] = len(self._allocs)
+            self._allocs.append([nbytes, self._clock, None, None])
             self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._release, ptr, nbytes)
+            if self.live > self.peak:
+                self.peak, self._peak_at = self.live, self._clock
+            weakref.finalize(storage, self._release, ptr, len(self._allocs) - 1)
+        return out
+
+    def tag(self, tensor: torch.Tensor, kind: str) -> bool:
+        """Mark the live storage of `tensor` as `kind` (e.g. 'grads'); False if the mode did not create it."""
+        index = self._by_ptr.get(tensor.untyped_storage().data_ptr())
+        if index is None:
+            return False
+        self._allocs[index][3] = kind
+        return True
+
+    def at_peak(self) -> dict[str | None, int]:
+        """Bytes live at the peak, by kind (None: untagged), summing to `peak`."""
+        out: dict[str | None, int] = {}
+        for nbytes, born, died, kind in self._allocs:
+            if born <= self._peak_at and (died is None or died > self._peak_at):
+                out[kind] = out.get(kind, 0) + nbytes
         return out
 
 
@@ -109,6 +145,28 @@ class PassMemory:
     peak_mib: float | None  # live tensors: weights + everything the phase allocated, at its peak
     reserved_mib: float | None = None  # CUDA: the caching allocator's peak reservation
     rss_growth_mib: float | None = None  # CPU: resident-set high-water growth during the pass
+    # What was live at the peak, by `suite.capacity.PARTS`; "activations" is the rest: saved activations, the
+    # inputs, and temporaries (autocast copies, optimizer scratch). None where the dispatch mode
+    # could not watch the pass (compiled code on CUDA).
+    parts: dict[str, float] | None = None
+
+
+class Tracking:
+    """What `MemoryBaseline.track` yields: `live` (the dispatch mode, to `tag` storages; None
+    when not watched) during the pass, and `result` (a `PassMemory`) after it."""
+
+    def __init__(self, live: LiveTensors | None):
+        self.live = live
+        self.result: PassMemory | None = None
+
+    def parts(self, weights_mib: float, inputs_mib: float) -> dict[str, float] | None:
+        if self.live is None:
+            return None
+        by_kind = {k: v / MIB for k, v in self.live.at_peak().items()}
+        parts = {"weights": weights_mib, "grads": by_kind.pop("grads", 0.0),
+                 "optimizer": by_kind.pop("optimizer", 0.0)}
+        parts["activations"] = inputs_mib + sum(by_kind.values())
+        return parts
 
 
 class MemoryBaseline:
@@ -132,23 +190,39 @@ class MemoryBaseline:
         return "live tensors: storages tracked by a dispatch mode, plus weights, own untimed pass"
 
     @contextmanager
-    def track(self, weights_mib: float) -> Iterator[list[PassMemory]]:
-        """Track one pass: `with baseline.track(weights) as out: ...` leaves a `PassMemory` in `out`."""
-        out: list[PassMemory] = []
+    def track(self, weights_mib: float, inputs_mib: float = 0.0, *, held_mib: float = 0.0,
+              watch: bool = True) -> Iterator[Tracking]:
+        """Track one pass: `with baseline.track(w, x) as t: ...` leaves a `PassMemory` in `t.result`.
+
+        Args:
+            weights_mib: the tower's weights (they exist before the pass: counted once).
+            inputs_mib: the pass's input batch, made before the pass (counted once).
+            held_mib: CUDA: tensors the caller holds that are not part of this pass (another
+                batch's inputs), taken off the allocator's figure.
+            watch: run the dispatch mode to break the peak down (CPU: always, it is the count).
+        """
         settle(self.device)
         if self.device == "cuda":
+            tracking = Tracking(LiveTensors() if watch else None)
             torch.cuda.reset_peak_memory_stats()
-            yield out
+            if tracking.live is None:
+                yield tracking
+            else:
+                with tracking.live:
+                    yield tracking
             settle(self.device)
-            out.append(PassMemory(torch.cuda.max_memory_allocated() / MIB - self.cuda_mib,
-                                  torch.cuda.max_memory_reserved() / MIB))
+            tracking.result = PassMemory(torch.cuda.max_memory_allocated() / MIB - self.cuda_mib - held_mib,
+                                         torch.cuda.max_memory_reserved() / MIB,
+                                         parts=tracking.parts(weights_mib, inputs_mib))
             return
         rss_start = _status_mib("VmRSS") if _reset_rss_peak() else None
-        with LiveTensors() as live:
-            yield out
+        tracking = Tracking(LiveTensors())
+        with tracking.live:
+            yield tracking
         hwm = _status_mib("VmHWM")
         growth = None if rss_start is None or hwm is None else max(0.0, hwm - rss_start)
-        out.append(PassMemory(weights_mib + live.peak / MIB, None, growth))
+        tracking.result = PassMemory(weights_mib + inputs_mib + tracking.live.peak / MIB, None, growth,
+                                     tracking.parts(weights_mib, inputs_mib))
 
 
 # Allocation failures that are not `torch.OutOfMemoryError`: the CPU allocator raises a plain
@@ -161,6 +235,6 @@ _OOM_MESSAGES = ("defaultcpuallocator", "can't allocate memory", "not enough mem
 
 def is_oom(exc: BaseException) -> bool:
     """Whether `exc` is an out-of-memory failure, on any device (Python's MemoryError included)."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    if isinstance(exc, (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)):
         return True
     return any(m in str(exc).lower() for m in _OOM_MESSAGES)

@@ -32,8 +32,10 @@ def _cache_key(device: str, precision: str) -> dict:
         "threads": torch.get_num_threads(),
     }
     if precision == "fp32":
-        # TF32 ("high") changes the fp32 peak several-fold on NVIDIA GPUs.
-        key["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+        # TF32 changes the fp32 peak several-fold on NVIDIA GPUs. torch's newer `fp32_precision`
+        # API says what is in force ("ieee" under strict fp32); the legacy query can be stale.
+        mode = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+        key["float32_matmul_precision"] = mode if mode != "none" else torch.get_float32_matmul_precision()
     return key
 
 

@@ -128,7 +128,7 @@ class TrainStep:
                 f"(unlocked_groups={trial.unlocked_groups}, proj={trial.proj!r}); use mode='infer' or unlock groups"
             )
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
-        self.scaler = torch.amp.GradScaler(device) if trial.precision == "fp16" else None
+        self.scaler = _grad_scaler(device) if trial.precision == "fp16" else None
         self._cache: dict = {}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +150,13 @@ class TrainStep:
         state = self.optimizer.state.get(self.params[0], {})
         step = state.get("step", 0)
         return int(step.item() if isinstance(step, torch.Tensor) else step)
+
+
+def _grad_scaler(device: str):
+    """fp16's gradient scaler (`torch.amp.GradScaler` from torch 2.3; the CUDA one before)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device)
+    return torch.cuda.amp.GradScaler()
 
 
 def train_step_fn(tower: torch.nn.Module, trial, device: str, *, eager: bool = False) -> TrainStep:

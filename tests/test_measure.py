@@ -269,3 +269,67 @@ def test_unused_trial_options_are_checked_before_work(roofline):
 def test_cpu_trial_creates_no_cuda_context(roofline):
     measure(trial(mode="infer", iters=1), cache_dir=roofline)
     assert not torch.cuda.is_initialized()
+
+
+# --- memory: breakdown, capacity line, settings checks (issue 11) ------------------------------
+
+def test_memory_breakdown_capacity_and_checks_are_recorded(resnet_both):
+    import math
+
+    r = resnet_both
+    phases = {"infer": ("weights", "activations"), "train": ("weights", "grads", "optimizer", "activations")}
+    for phase, parts in phases.items():
+        peak = getattr(r, f"{phase}_peak_mem_mib")
+        assert sum(getattr(r, f"{phase}_{p}_mib") for p in parts) == pytest.approx(peak, rel=1e-9)  # CPU: one count
+        fixed, per_sample = getattr(r, f"{phase}_fixed_mem_mib"), getattr(r, f"{phase}_mem_per_sample_mib")
+        assert fixed > 0 and per_sample > 0
+        assert fixed + 4 * per_sample == pytest.approx(peak)  # the line goes through the measured point
+        assert getattr(r, f"{phase}_max_batch") == math.floor((r.capacity_budget_mib - fixed) / per_sample)
+        assert getattr(r, f"{phase}_max_batch_measured") is None  # max_batch: false
+    assert r.train_weights_mib == r.infer_weights_mib == pytest.approx(r.param_count * 1e6 * 4 / 2**20, rel=0.01)
+    assert r.train_optimizer_mib >= 2 * r.trainable_param_count * 1e6 * 4 / 2**20 * 0.999  # AdamW's two moments
+    assert r.capacity_budget_mib > 100  # the machine's RAM (no mem_budget_mib given)
+    assert (r.lock_ok, r.train_state_ok, r.check_reason) == (True, True, "")
+
+
+def test_capacity_line_predicts_the_peak_of_a_larger_batch(roofline):
+    small = measure(trial(mode="train", iters=1, warmup=0, batch_size=4), cache_dir=roofline)
+    large = measure(trial(mode="train", iters=1, warmup=0, batch_size=12), cache_dir=roofline)
+    predicted = small.train_fixed_mem_mib + 12 * small.train_mem_per_sample_mib
+    assert predicted == pytest.approx(large.train_peak_mem_mib, rel=0.1)
+
+
+def test_max_batch_search_on_cpu_finds_the_largest_batch_under_the_budget(roofline):
+    from suite.footprint import memory_pass
+    from suite.memory import MemoryBaseline
+
+    t = trial(mode="train", iters=1, warmup=0, max_batch=True, mem_budget_mib=30.0)
+    r = measure(t, cache_dir=roofline)
+    found = r.train_max_batch_measured
+    assert r.capacity_budget_mib == 30.0 and found > 4
+    assert r.train_max_batch_error == pytest.approx(r.train_max_batch / found - 1)
+    assert abs(r.train_max_batch_error) < 0.1
+    tower = tower_of(t)
+    peaks = [memory_pass("train", tower, t, "cpu", make_inputs(t, "cpu", b), MemoryBaseline("cpu"))[0].peak_mib
+             for b in (found, found + 1)]
+    assert peaks[0] <= 30.0 < peaks[1]
+
+
+def test_grad_checkpointing_lowers_train_activations(roofline):
+    # The smoke sweep's size (96 px, batch 8): smaller, the peak moves into the optimizer step, where
+    # activations are gone and checkpointing cannot show.
+    off, on = (measure(trial(model="test_vit", mode="train", iters=1, warmup=0, grad_checkpointing=ckpt,
+                             image_size=96, batch_size=8), cache_dir=roofline) for ckpt in (False, True))
+    assert on.grad_checkpointing_active and on.train_activations_mib < 0.8 * off.train_activations_mib
+    assert on.train_weights_mib == off.train_weights_mib
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_breakdown_adds_up_and_max_batch_search_runs(roofline):
+    """Untested here (no GPU in CI): the parts come from the dispatch mode, the total from the allocator."""
+    r = measure(trial(model="test_vit", device="cuda", mode="train", iters=2, max_batch=True, mem_budget_mib=1024.0),
+                cache_dir=roofline)
+    parts = r.train_weights_mib + r.train_grads_mib + r.train_optimizer_mib + r.train_activations_mib
+    assert parts == pytest.approx(r.train_peak_mem_mib, rel=0.05)
+    assert r.train_max_batch_measured > 4 and abs(r.train_max_batch_error) < 0.25
