@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,6 +51,9 @@ class LinearProbeResult:
         solver: 'sklearn' or 'torch'.
         sweep: `(C, validation top-1)` for every C tried, in order.
         fit_time_s: wall time of the sweep and the refit.
+        correct: per test image, whether the top-1 prediction was right (test order), for intervals
+            and paired tests (`suite.stats`).
+        y_test: the test labels as scored (0..k-1; -1 for a class the classifier never saw).
     """
 
     top1: float
@@ -65,6 +68,8 @@ class LinearProbeResult:
     solver: str
     sweep: tuple[tuple[float, float], ...]
     fit_time_s: float
+    correct: np.ndarray | None = field(default=None, compare=False, repr=False)
+    y_test: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -279,6 +284,7 @@ def linear_probe(
     solver: str = "auto",
     device: str | None = None,
     patience: int | None = DEFAULT_PATIENCE,
+    refit: bool = True,
 ) -> LinearProbeResult:
     """Fit and score a logistic-regression probe; C is chosen on validation data, never on test.
 
@@ -297,6 +303,8 @@ def linear_probe(
         patience: stop the sweep once validation top-1 has not improved for this many consecutive C
             (past the peak, weaker regularization only costs time: those fits are the slowest);
             None sweeps the whole grid.
+        refit: refit on train + val at the chosen C (the full-data protocol). False keeps the fit on
+            train alone (few-shot: the validation split only chooses C, it never adds labels).
 
     Returns:
         A LinearProbeResult; ties in validation accuracy go to the smaller C.
@@ -315,12 +323,14 @@ def linear_probe(
     model = _make_solver(solver, len(y_fit) + len(y_val), x_train.shape[1], k, device)
     sweep, best = _sweep(model, x_fit, y_fit, x_val, y_val, cs, patience)
     # Refit on train + val at the best C, starting from the best sweep solution.
-    final = model.fit(np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), best[0], best[2], refit=True)
-    top1, top5, bal = _scores(model.logits(final, x_test), y_test)
+    final = (model.fit(np.concatenate([x_fit, x_val]), np.concatenate([y_fit, y_val]), best[0], best[2], refit=True)
+             if refit else best[2])
+    logits = model.logits(final, x_test)
+    top1, top5, bal = _scores(logits, y_test)
     return LinearProbeResult(
         top1=top1, top5=top5, balanced_accuracy=bal, C=best[0], val_top1=best[1],
         n_train=len(y_fit), n_val=len(y_val), n_test=len(y_test), n_classes=k, solver=model.name,
-        sweep=tuple(sweep), fit_time_s=time.perf_counter() - t0,
+        sweep=tuple(sweep), fit_time_s=time.perf_counter() - t0, correct=logits.argmax(1) == y_test, y_test=y_test,
     )
 
 

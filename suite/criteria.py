@@ -3,6 +3,7 @@
     select:
       objective: max probe_top1
       constraints: ["train_peak_mem_mib <= 20480", "train_samples_per_sec >= 500"]
+      then: max train_samples_per_sec   # the tie-break among statistically tied towers
       top: 3
     compare: {train_samples_per_sec: -5%, probe_top1: -1, train_peak_mem_mib: off}
 
@@ -95,7 +96,12 @@ def _fmt(x: float) -> str:
 
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt, "==": operator.eq}
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|<|>)\s*(\S+)\s*$")
-SELECT_KEYS = ("objective", "constraints", "top")
+SELECT_KEYS = ("objective", "constraints", "top", "then")
+# Objectives computed across data sets by `suite.ranking` (one value per configuration), not stored.
+AGGREGATES = {"probe_mean_z": "max", "probe_mean_rank": "min"}
+# Objectives with per-test-image correctness stored (`suite.stats`): ties are tested, not assumed.
+PAIRED = ("probe_top1",)
+DEFAULT_THEN = ("max", "train_samples_per_sec")  # among tied towers: the cheapest to train
 
 
 @dataclass(frozen=True)
@@ -122,10 +128,16 @@ class Select:
     direction: str  # "max" or "min"
     constraints: tuple[Constraint, ...] = ()
     top: int = 3
+    then: tuple[str, str] | None = None  # (direction, metric): the tie-break among statistically tied trials
 
     @property
     def objective(self) -> str:
         return f"{self.direction} {self.metric}"
+
+    @property
+    def tie_break(self) -> tuple[str, str]:
+        """`then`, or `DEFAULT_THEN` (the fastest to train)."""
+        return self.then or DEFAULT_THEN
 
 
 def _check_metric(name: str, where: str, value: Any) -> str:
@@ -174,7 +186,8 @@ def parse_select(block: Any, *, where: str = "select") -> Select:
     parts = objective.split() if isinstance(objective, str) else []
     if len(parts) != 2 or parts[0] not in ("max", "min"):
         raise _bad(f"{where}.objective", objective, "must be 'max METRIC' or 'min METRIC', e.g. 'max probe_top1'")
-    metric = _check_metric(parts[1], f"{where}.objective", objective)
+    metric = parts[1] if parts[1] in AGGREGATES else _check_metric(parts[1], f"{where}.objective", objective)
+    then = _parse_then(block.get("then"), f"{where}.then")
 
     constraints = block.get("constraints", [])
     if isinstance(constraints, str):
@@ -186,7 +199,17 @@ def parse_select(block: Any, *, where: str = "select") -> Select:
     top = block.get("top", 3)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise _bad(f"{where}.top", top, "must be a positive integer (best plus runner-ups)")
-    return Select(metric, parts[0], parsed, top)
+    return Select(metric, parts[0], parsed, top, then)
+
+
+def _parse_then(value: Any, where: str) -> tuple[str, str] | None:
+    """The tie-break 'max|min METRIC', or None (the default, `DEFAULT_THEN`)."""
+    if value is None:
+        return None
+    parts = value.split() if isinstance(value, str) else []
+    if len(parts) != 2 or parts[0] not in ("max", "min"):
+        raise _bad(where, value, "must be 'max METRIC' or 'min METRIC', e.g. 'max train_samples_per_sec'")
+    return parts[0], _check_metric(parts[1], where, value)
 
 
 # --- the compare block -----------------------------------------------------------------------

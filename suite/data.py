@@ -11,6 +11,12 @@ cached by it (see `suite.features`).
 - `imagefolder`: `root/<class>/<image>`, or `root/{train,val,test}/<class>/<image>` (`val/` optional:
   without it the probe holds a stratified part of train out for choosing C). A single folder is split
   per class 60/20/20 with `trial.seed`.
+- `textures`: a data set derived here from the two photographs scikit-learn ships
+  (`load_sample_images`: china.jpg, flower.jpg; no download): each photo is cut into 5 vertical
+  strips, one class per strip (10 classes), and `TEXTURE_PER_CLASS` 16x16 gray patches are cropped at
+  seeded random positions in each strip. A texture/region task unlike the digits, small and fixed
+  (split seed 0, like the digits), so the multi-data-set path runs offline. It is not a published
+  benchmark: treat its numbers as a second opinion, not a quality claim.
 - `synthetic`: class-structured random tensors at the tower's image size, already normalized (the
   transform is not applied), `max_per_class` (default 100) per class, 10 classes: for speed work.
 
@@ -38,6 +44,9 @@ SPLIT_RATIOS = (0.6, 0.2, 0.2)  # train/val/test for data sets without split fol
 DIGITS_SPLIT_SEED = 0  # the digits split is fixed: see the module docstring
 SYNTHETIC_CLASSES = 10
 SYNTHETIC_PER_CLASS = 100
+TEXTURE_STRIPS = 5  # classes per photo
+TEXTURE_PER_CLASS = 80
+TEXTURE_PATCH = 16
 _MAX_LISTED = 5  # bad paths named in one error message
 
 
@@ -123,14 +132,46 @@ def _digits(trial) -> Splits:
     d = load_digits()
     # 0..16 gray levels -> 0..255 uint8, the range PIL and timm's transforms expect.
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
-    labels = d.target.astype(np.int64)
+    return _fixed_splits(images, d.target.astype(np.int64), "digits-v1", trial, [str(i) for i in range(10)])
+
+
+def _fixed_splits(images: np.ndarray, labels: np.ndarray, name: str, trial, classes: list[str]) -> Splits:
+    """In-memory gray images capped by `trial.max_per_class` and split with the fixed seed."""
     keep = cap_per_class(labels, trial.max_per_class, DIGITS_SPLIT_SEED)
     images, labels = images[keep], labels[keep]
     parts = stratified_split(labels, DIGITS_SPLIT_SEED)
-    identity = f"digits-v1:split_seed={DIGITS_SPLIT_SEED}:cap={trial.max_per_class}"
-    train, val, test = (ArrayImages(images[p], labels[p], key=f"{identity}:{name}")
-                        for name, p in zip(SPLIT_NAMES, parts))
-    return Splits(train, val, test, [str(i) for i in range(10)], identity)
+    identity = f"{name}:split_seed={DIGITS_SPLIT_SEED}:cap={trial.max_per_class}"
+    train, val, test = (ArrayImages(images[p], labels[p], key=f"{identity}:{split}")
+                        for split, p in zip(SPLIT_NAMES, parts))
+    return Splits(train, val, test, classes, identity)
+
+
+# --------------------------------------------------------------------------- textures
+
+
+def texture_patches(per_class: int = TEXTURE_PER_CLASS, seed: int = DIGITS_SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 gray patches (N, 16, 16), labels (N,)) cropped from scikit-learn's two sample photos."""
+    from sklearn.datasets import load_sample_images  # scikit-learn loads only for this data set
+
+    rng = np.random.default_rng(seed)
+    patches, labels = [], []
+    for i, photo in enumerate(load_sample_images().images):
+        gray = np.round(photo.astype(np.float64) @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+        h, w = gray.shape
+        strip = w // TEXTURE_STRIPS
+        for j in range(TEXTURE_STRIPS):
+            ys = rng.integers(0, h - TEXTURE_PATCH + 1, per_class)
+            xs = rng.integers(j * strip, (j + 1) * strip - TEXTURE_PATCH + 1, per_class)
+            patches.extend(gray[y:y + TEXTURE_PATCH, x:x + TEXTURE_PATCH] for y, x in zip(ys, xs))
+            labels.extend([i * TEXTURE_STRIPS + j] * per_class)
+    return np.stack(patches), np.array(labels, dtype=np.int64)
+
+
+def _textures(trial) -> Splits:
+    """The textures data set in its fixed split (see the module docstring)."""
+    images, labels = texture_patches()
+    names = [f"{photo}-strip{j}" for photo in ("china", "flower") for j in range(TEXTURE_STRIPS)]
+    return _fixed_splits(images, labels, f"textures-v1:n={TEXTURE_PER_CLASS}:patch={TEXTURE_PATCH}", trial, names)
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -279,6 +320,7 @@ DATASETS: dict[str, Callable[[Any], Splits]] = {
     "digits": _digits,
     "imagefolder": _imagefolder,
     "synthetic": _synthetic,
+    "textures": _textures,
 }
 
 

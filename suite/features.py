@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from suite.device import autocast, autocast_dtype, place, strict_fp32
@@ -31,7 +32,8 @@ from suite.options import sha256_json
 log = logging.getLogger(__name__)
 
 # 2: fp32 extraction on CUDA became strict fp32 (TF32 off), as measurement is.
-CACHE_VERSION = 2
+# 3: `probe_features` (pooled features before the projection head, or projected ones) in the key.
+CACHE_VERSION = 3
 # The modules whose source defines the features (the tower, its weights, the data and its
 # preprocessing, extraction): a change to any of them invalidates the cache. A module that does
 # not exist hashes as empty.
@@ -80,6 +82,32 @@ def extract_features(tower, loader, device: str, precision: str = "fp32",
     return x_out, y_out, len(y_out) / max(elapsed, 1e-9)
 
 
+class PooledFeatures(nn.Module):
+    """A tower's pooled features, before its projection head (`probe_features: pooled`).
+
+    A randomly initialized projection is a random linear map: probing after it only adds noise to a
+    comparison of trunks. Attention pooling (`abs_attn`, `rot_attn`) lives in the head but is the
+    pooling, so it is kept; dropout and the linear/MLP projection are left out. With `proj: ''` the
+    trunk's own classifier projects, so its pre-logits features are the pooled ones.
+    """
+
+    def __init__(self, tower: nn.Module, proj: str | None):
+        super().__init__()
+        self.tower, self.proj = tower, proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trunk = self.tower.trunk
+        if self.proj in ("", None):
+            return trunk.forward_head(trunk.forward_features(x), pre_logits=True)
+        pool = getattr(self.tower.head, "pool", None)
+        return pool(trunk(x)) if pool is not None else trunk(x)
+
+
+def probed_module(tower: nn.Module, trial) -> nn.Module:
+    """What the probe extracts features with: the whole tower (`projected`) or `PooledFeatures`."""
+    return tower if trial.probe_features == "projected" else PooledFeatures(tower, trial.proj)
+
+
 def feature_loader(dataset, batch_size: int, device: str):
     """Batches of `dataset` for `extract_features`: an in-memory split preprocessed once when it
     applies (`suite.images.in_memory_batches`: the same tensors without per-image overhead), else a
@@ -111,9 +139,10 @@ def extract_splits(trial, splits, tower, device: str) -> tuple[dict[str, np.ndar
     place(tower, device, trial.channels_last)
     transform, _ = eval_transform(tower.trunk, trial.image_size)
     splits.set_transform(transform)
+    module = probed_module(tower, trial)
     arrays, n, seconds = {}, 0, 0.0
     for name, ds in splits.items():
-        x, y, sps = extract_features(tower, feature_loader(ds, trial.probe_batch_size, device), device,
+        x, y, sps = extract_features(module, feature_loader(ds, trial.probe_batch_size, device), device,
                                      trial.precision, trial.channels_last)
         arrays[f"x_{name}"], arrays[f"y_{name}"] = x, y
         n, seconds = n + len(y), seconds + len(y) / sps
@@ -142,10 +171,29 @@ def _source_digest(*modules: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _head_fields(trial) -> dict:
+    """The head options that change the probed features.
+
+    Projected: pool, projection, its bias and width. Pooled: only what shapes the trunk and the
+    pooling, so a `proj` sweep (linear vs mlp) extracts pooled features once. The trunk is built the
+    same way for linear and mlp (open_clip's 'reset' branch, `suite.tower_plan.head_branch`; the
+    trunk is initialized before the head, so the seeded weights agree); `none` and `''` build it
+    with other classifier arguments, and attention pooling's width is embed_dim.
+    """
+    if trial.probe_features == "projected":
+        return {"features": "projected", "pool": trial.pool, "proj": trial.proj, "proj_bias": trial.proj_bias,
+                "embed_dim": trial.embed_dim}
+    attn = trial.pool in ("abs_attn", "rot_attn")
+    branch = "attn" if attn else ("reset" if trial.proj in ("linear", "mlp") else trial.proj)
+    return {"features": "pooled", "pool": trial.pool, "branch": branch,
+            "embed_dim": trial.embed_dim if attn or trial.proj == "" else None}
+
+
 def feature_cache_key(trial, dataset_identity: str, device: str) -> tuple[str, dict]:
     """The cache key of a trial's features: (hex digest, the fields it hashes).
 
-    Includes what changes the features: the model and its weights, pool, projection, embed dim, image
+    Includes what changes the features: the model and its weights, the probed features and the head
+    options that shape them (`_head_fields`: pooled features do not depend on the projection), image
     size, data set (files and split), seed (random init), precision, device type, and the timm version
     and the source of `FEATURE_SOURCES` (which, with model, weights and image size, fix the
     preprocessing config).
@@ -161,10 +209,7 @@ def feature_cache_key(trial, dataset_identity: str, device: str) -> tuple[str, d
         "version": CACHE_VERSION,
         "model": trial.model,
         "pretrained": _weights_identity(trial.pretrained),
-        "pool": trial.pool,
-        "proj": trial.proj,
-        "proj_bias": trial.proj_bias,
-        "embed_dim": trial.embed_dim,
+        **_head_fields(trial),
         "image_size": trial.image_size,
         "dataset": dataset_identity,
         "seed": trial.seed,

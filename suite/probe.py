@@ -14,10 +14,12 @@ import numpy as np
 from suite.classifier import knn_accuracy, linear_probe
 from suite.data import load_splits
 from suite.device import resolve_device
-from suite.errors import DatasetError
+from suite.errors import DatasetError, UnsupportedConfig
 from suite.features import extract_splits, feature_cache_key, load_cached_features, save_cached_features
+from suite.options import sha256_json
 from suite.paths import cache_dir as default_cache_dir
 from suite.records import ProbeResult
+from suite.stats import balanced_interval, pack_correct, wilson_interval
 
 
 def probe_trial(trial, *, tower=None, device: str | None = None, cache_dir: str | Path | None = None,
@@ -66,7 +68,14 @@ def probe_trial(trial, *, tower=None, device: str | None = None, cache_dir: str 
     res = linear_probe(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
                        seed=trial.seed, device=device, **val)
     knn = _knn(arrays) if trial.knn else None
+    shots = few_shot(arrays, parse_shots(trial.shots), trial.shot_seeds, device) if trial.shots else None
+    top1_lo, top1_hi = wilson_interval(int(res.correct.sum()), res.n_test)
+    bal_lo, bal_hi = balanced_interval(res.y_test, res.correct)
     return ProbeResult(
+        probe_features=trial.probe_features, probe_top1_lo=top1_lo, probe_top1_hi=top1_hi,
+        probe_balanced_accuracy_lo=bal_lo, probe_balanced_accuracy_hi=bal_hi,
+        probe_test_set=sha256_json([splits.identity, arrays["y_test"].tolist()]),
+        probe_test_correct=pack_correct(res.correct), probe_shots=shots,
         probe_top1=res.top1, probe_top5=res.top5, probe_balanced_accuracy=res.balanced_accuracy,
         probe_C=res.C, probe_val_top1=res.val_top1, probe_solver=res.solver, probe_knn_top1=knn,
         probe_n_train=res.n_train, probe_n_val=res.n_val,
@@ -74,6 +83,59 @@ def probe_trial(trial, *, tower=None, device: str | None = None, cache_dir: str 
         probe_cache_hit=cached is not None, probe_skipped_images=splits.skipped,
         probe_time_s=time.perf_counter() - t0,
     )
+
+
+def parse_shots(text: str) -> list[int | None]:
+    """'1,5,10,all' -> [1, 5, 10, None] (None: every training image).
+
+    Raises:
+        UnsupportedConfig: an entry that is not a positive integer or 'all'.
+    """
+    out: list[int | None] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if part.lower() in ("all", "null", "none"):
+            out.append(None)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise UnsupportedConfig(f"shots={text!r}: {part!r} is not a positive integer or 'all'; write e.g. '1,5,10,all'")
+    return list(dict.fromkeys(out))
+
+
+def _sample_shots(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of k images per class (all of a class with fewer), sorted."""
+    idx = [rng.permutation(np.flatnonzero(y == c))[:k] for c in np.unique(y)]
+    return np.sort(np.concatenate(idx))
+
+
+def few_shot(arrays: dict[str, np.ndarray], shots: list[int | None], seeds: int, device: str) -> dict:
+    """Probe top-1 with k labeled training images per class, for each k, over `seeds` samples.
+
+    The same probe as the full one (C chosen on the validation split, or on a held-out part of the k
+    images per class when there is none), but fitted on the k-shot sample alone: the validation
+    split chooses C and never adds labels. k = None (all) is the full training split, one fit.
+
+    Returns:
+        {k or 'all': {'mean', 'std', 'min', 'max', 'top1': [per seed], 'seeds': [...]}} (percent).
+    """
+    if seeds < 1:
+        raise UnsupportedConfig(f"shot_seeds={seeds}: give at least 1")
+    x, y = arrays["x_train"], arrays["y_train"]
+    val = ({"x_val": arrays["x_val"], "y_val": arrays["y_val"]} if "x_val" in arrays else {})
+    out = {}
+    for k in shots:
+        runs = [0] if k is None else list(range(seeds))
+        accs = []
+        for seed in runs:
+            take = np.arange(len(y)) if k is None else _sample_shots(y, k, np.random.default_rng(seed))
+            if not val and len(take) < 2 * len(np.unique(y)):
+                raise UnsupportedConfig(f"shots: k={k} leaves no images to choose C on without a validation split; use k >= 2")
+            res = linear_probe(x[take], y[take], arrays["x_test"], arrays["y_test"], seed=seed, device=device,
+                               refit=False, **val)
+            accs.append(res.top1)
+        out[str(k or "all")] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "min": min(accs),
+                                "max": max(accs), "top1": accs, "seeds": runs}
+    return out
 
 
 def _knn(arrays: dict[str, np.ndarray]) -> float:

@@ -126,3 +126,16 @@ def test_criteria_loads_no_report_code():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_select_then_and_aggregate_objectives():
+    from suite.criteria import DEFAULT_THEN
+
+    sel = parse_select({"objective": "max probe_top1", "then": "min train_peak_mem_mib"})
+    assert sel.then == ("min", "train_peak_mem_mib") and sel.tie_break == sel.then
+    assert parse_select({"objective": "max probe_top1"}).tie_break == DEFAULT_THEN == ("max", "train_samples_per_sec")
+    assert parse_select({"objective": "max probe_mean_z"}).metric == "probe_mean_z"
+    with pytest.raises(SuiteError, match=r"select.then: must be 'max METRIC' or 'min METRIC'"):
+        parse_select({"objective": "max probe_top1", "then": "fastest"})
+    with pytest.raises(SuiteError, match="did you mean 'train_samples_per_sec'"):
+        parse_select({"objective": "max probe_top1", "then": "max train_samples_per_se"})

@@ -86,10 +86,10 @@ def test_synthetic_deterministic_and_sized():
 
 
 def test_unknown_dataset_suggests():
-    assert set(DATASETS) == {"digits", "imagefolder", "synthetic"}
+    assert set(DATASETS) == {"digits", "imagefolder", "synthetic", "textures"}
     with pytest.raises(DatasetError, match="did you mean 'digits'"):
         get_loader("digit")
-    with pytest.raises(DatasetError, match="not known; choose one of digits, imagefolder, synthetic$"):
+    with pytest.raises(DatasetError, match="not known; choose one of digits, imagefolder, synthetic, textures$"):
         get_loader("zzz")  # nothing close: no suggestion
 
 
@@ -221,3 +221,16 @@ def test_skipping_that_empties_a_class_fails(tmp_path):
     (tmp_path / "digit9" / "a.png").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="no readable images of class digit9"):
         load_splits(trial(dataset="imagefolder", root=str(tmp_path), skip_bad_images=True))
+
+
+def test_textures_derived_from_the_bundled_sample_photos():
+    from suite.data import TEXTURE_PER_CLASS, texture_patches
+
+    images, labels = texture_patches()
+    assert images.shape == (10 * TEXTURE_PER_CLASS, 16, 16) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [TEXTURE_PER_CLASS] * 10
+    again, _ = texture_patches()
+    assert np.array_equal(images, again)  # fixed: the same patches in every run
+    s = load_splits(trial(dataset="textures"))
+    assert len(s.classes) == 10 and s.classes[0] == "china-strip0" and s.identity.startswith("textures-v1")
+    assert (len(s.train), len(s.val), len(s.test)) == (480, 160, 160)

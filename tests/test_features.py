@@ -119,15 +119,23 @@ def test_cache_key_covers_what_changes_features():
     ident = "digits-v1"
     key = feature_cache_key(digits_trial(), ident, "cpu")[0]
     assert len(key) == 32
+    # Pooled features (the default) come before the projection head: linear vs mlp, its bias and
+    # width do not change them, so a proj sweep extracts once.
     same = [dict(unlocked_groups=1), dict(grad_checkpointing=True), dict(probe_batch_size=7),
-            dict(channels_last=True), dict(compile=True), dict(knn=True), dict(freeze_bn_stats=True)]
+            dict(channels_last=True), dict(compile=True), dict(knn=True), dict(freeze_bn_stats=True),
+            dict(proj="mlp"), dict(proj_bias=True), dict(embed_dim=64), dict(shots="1,5")]
     for kw in same:
         assert feature_cache_key(digits_trial(**kw), ident, "cpu")[0] == key, kw
-    changed = [dict(model="test_resnet"), dict(pretrained=True), dict(pool="token"), dict(proj="mlp"),
-               dict(proj_bias=True), dict(embed_dim=64), dict(image_size=48), dict(seed=1),
-               dict(precision="bf16")]
+    changed = [dict(model="test_resnet"), dict(pretrained=True), dict(pool="token"), dict(proj="none"),
+               dict(proj=""), dict(image_size=48), dict(seed=1), dict(precision="bf16"),
+               dict(probe_features="projected")]
     for kw in changed:
         assert feature_cache_key(digits_trial(**kw), ident, "cpu")[0] != key, kw
+    projected = feature_cache_key(digits_trial(probe_features="projected"), ident, "cpu")[0]
+    for kw in (dict(proj="mlp"), dict(proj_bias=True), dict(embed_dim=64)):
+        assert feature_cache_key(digits_trial(probe_features="projected", **kw), ident, "cpu")[0] != projected, kw
+    attn = feature_cache_key(digits_trial(pool="abs_attn"), ident, "cpu")[0]  # the attention pool's width
+    assert feature_cache_key(digits_trial(pool="abs_attn", embed_dim=64), ident, "cpu")[0] != attn
     assert feature_cache_key(digits_trial(), "digits-v2", "cpu")[0] != key
     assert feature_cache_key(digits_trial(), ident, "cuda:0")[0] != key
 
@@ -163,3 +171,32 @@ def test_cache_round_trip_wrong_key_and_corruption(tmp_path):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     assert load_cached_features(path, "k") is None and not path.exists()  # corrupt: removed
+
+
+def test_pooled_features_come_before_the_projection_and_ignore_it():
+    from suite.features import PooledFeatures, probed_module
+    from suite.tower import build_tower
+
+    x = torch.randn(2, 3, 32, 32)
+    outs = {}
+    for proj in ("linear", "mlp"):
+        t = digits_trial(model="test_resnet", proj=proj, embed_dim=16)
+        torch.manual_seed(0)
+        tower = build_tower(t).eval()
+        with torch.no_grad():
+            outs[proj] = probed_module(tower, t)(x)
+            assert isinstance(probed_module(tower, t), PooledFeatures)
+            assert torch.equal(outs[proj], tower.trunk(x)) and outs[proj].shape[1] != 16
+            projected = probed_module(tower, digits_trial(model="test_resnet", proj=proj, embed_dim=16,
+                                                          probe_features="projected"))(x)
+            assert projected.shape == (2, 16) and torch.equal(projected, tower(x))
+    assert torch.equal(outs["linear"], outs["mlp"])  # the cache key may share them
+    t = digits_trial(model="test_resnet", pool="abs_attn", embed_dim=16)
+    torch.manual_seed(0)
+    tower = build_tower(t).eval()
+    with torch.no_grad():  # attention pooling is the pooling: kept; the projection after it is not
+        assert torch.equal(probed_module(tower, t)(x), tower.head.pool(tower.trunk(x)))
+    t = digits_trial(model="test_vit", proj="", embed_dim=16)
+    tower = build_tower(t).eval()
+    with torch.no_grad():  # proj '': the trunk's classifier projects; pre-logits are the pooled features
+        assert probed_module(tower, t)(x).shape[1] == tower.trunk.num_features

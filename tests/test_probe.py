@@ -95,3 +95,28 @@ def test_probe_trial_rejects_no_dataset_and_missing_cuda(monkeypatch):
 def test_split_sizes_reach_probe():
     s = load_splits(digits_trial())
     assert (len(s.train), len(s.val), len(s.test)) == (120, 40, 40)
+
+
+def test_probe_records_intervals_correctness_and_few_shot(tmp_path):
+    from suite.probe import parse_shots
+    from suite.stats import unpack_correct
+
+    t = digits_trial(shots="1,3,all", shot_seeds=2)
+    r = probe_trial(t, cache_dir=tmp_path)
+    assert r.probe_features == "pooled"
+    assert r.probe_top1_lo < r.probe_top1 < r.probe_top1_hi or r.probe_top1_hi == pytest.approx(100)
+    assert r.probe_balanced_accuracy_lo <= r.probe_balanced_accuracy <= r.probe_balanced_accuracy_hi
+    correct = unpack_correct(r.probe_test_correct, r.probe_n_test)
+    assert correct.mean() * 100 == pytest.approx(r.probe_top1)
+    assert set(r.probe_shots) == {"1", "3", "all"}
+    assert r.probe_shots["1"]["seeds"] == [0, 1] and len(r.probe_shots["1"]["top1"]) == 2
+    assert r.probe_shots["all"]["seeds"] == [0] and r.probe_shots["all"]["std"] == 0.0
+    for v in r.probe_shots.values():
+        assert min(v["top1"]) == v["min"] <= v["mean"] <= v["max"] == max(v["top1"])
+    # the same test images: the same test-set hash; projected features: another number, same test set
+    proj = probe_trial(dataclasses.replace(t, probe_features="projected", shots=None), cache_dir=tmp_path)
+    assert proj.probe_test_set == r.probe_test_set and proj.probe_features == "projected"
+    assert proj.probe_cache_hit is False and proj.probe_shots is None
+    assert parse_shots("1, 5,10,all") == [1, 5, 10, None]
+    with pytest.raises(UnsupportedConfig, match="'0' is not a positive integer or 'all'"):
+        parse_shots("0,5")

@@ -57,3 +57,58 @@ def test_exclusion_reason_keeps_the_precision_that_explains_it():
                                           "infer_gmacs not measured (needed for infer_gmacs < 2)")
     assert exclusion_reason({**row, "train_peak_mem_mib": 899.0, "infer_gmacs": 1.5}, sel) is None
     assert exclusion_reason({"status": "timeout", "reason": ""}, sel) == "status timeout"
+
+
+# --------------------------------------------------------------------------- statistical ties (issue 13)
+
+
+def _probed(model: str, correct, *, test_set: str = "t1", **fields):
+    import numpy as np
+
+    from suite.stats import pack_correct
+
+    correct = np.asarray(correct, dtype=bool)
+    return make_record(model, probe_top1=100.0 * correct.mean(), probe_test_correct=pack_correct(correct),
+                       probe_n_test=len(correct), probe_test_set=test_set, **fields)
+
+
+def test_tied_towers_are_picked_by_the_tie_break():
+    import numpy as np
+
+    base = np.random.default_rng(0).random(360) < 0.886
+    near = base.copy()
+    near[np.flatnonzero(base)[:3]] = False  # 3 images worse: tied
+    worse = base.copy()
+    worse[np.flatnonzero(base)[:40]] = False  # 40 images worse: not tied
+    df = frame(_probed("best", base, train_samples_per_sec=50.0),
+               _probed("near", near, train_samples_per_sec=200.0),
+               _probed("worse", worse, train_samples_per_sec=900.0),
+               _probed("other_test_set", near, test_set="t2", train_samples_per_sec=999.0))
+    result = apply_select(df, parse_select({"objective": "max probe_top1"}))
+    assert [r["model"] for r in result.tied] == ["near", "best"]  # fastest first
+    assert result.best["model"] == "near"
+    assert sorted(r["model"] for r in result.ranked[2:]) == ["other_test_set", "worse"]  # another test set: never tied
+    assert result.tie_note.startswith("2 towers are statistically tied on probe_top1")
+    assert "picked the fastest (max train_samples_per_sec)" in result.tie_note
+    by_mem = apply_select(df, parse_select({"objective": "max probe_top1", "then": "min train_peak_mem_mib"}))
+    assert by_mem.tie_note.endswith("picked by min train_peak_mem_mib (min train_peak_mem_mib)")
+
+
+def test_no_ties_without_stored_correctness():
+    df = frame(make_record("a", probe_top1=88.6), make_record("b", probe_top1=88.6))
+    result = apply_select(df, parse_select({"objective": "max probe_top1"}))
+    assert result.tied == [result.best] and result.tie_note == ""
+
+
+def test_several_datasets_rank_on_one_or_by_the_aggregate():
+    recs = []
+    for model, digits, textures in (("a", 90.0, 20.0), ("b", 85.0, 40.0), ("c", 80.0, 30.0)):
+        recs += [make_record(model, dataset="digits", probe_top1=digits),  # few-shot extras do not split a tower
+                 make_record(model, dataset="textures", probe_top1=textures, shots="1,5")]
+    per_set = apply_select(frame(*recs), parse_select({"objective": "max probe_top1"}))
+    assert per_set.dataset == "digits" and [r["model"] for r in per_set.ranked] == ["a", "b", "c"]
+    assert all("ranked on digits" in why for _, why in per_set.excluded)
+    z = apply_select(frame(*recs), parse_select({"objective": "max probe_mean_z"}))
+    assert [r["model"] for r in z.ranked] == ["b", "a", "c"]  # b: 2nd and 1st; a: 1st and 3rd
+    rank = apply_select(frame(*recs), parse_select({"objective": "min probe_mean_rank"}))
+    assert [r["model"] for r in rank.ranked][0] == "b" and rank.ranked[0]["probe_mean_rank"] == 1.5
