@@ -21,7 +21,16 @@ EXIT_BAD_INPUT = 2
 # --- flags from the schema ------------------------------------------------------------------
 
 def _parse_value(option: Option, text: str):
-    """Turn a flag's text into the option's type; raise argparse.ArgumentTypeError with the fix."""
+    """Turn a flag's text into the option's type, checked as the experiment files are (range included);
+    raise argparse.ArgumentTypeError (exit 2) with the fix."""
+    value = _convert(option, text)
+    problem = None if option.choices else option.check(value)  # argparse checks choices itself
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return value
+
+
+def _convert(option: Option, text: str):
     low = text.strip().lower()
     if option.nullable and low in ("none", "null"):
         return None
@@ -80,7 +89,7 @@ def cmd_run(args) -> int:
     summary = run_experiment(args.experiment, out=args.out, resume=args.resume, retry_failed=args.retry_failed,
                              backend=args.backend,
                              address=args.address, workers=args.workers, timeout_s=args.timeout,
-                             quiet=args.quiet, report=not args.no_report)
+                             quiet=args.quiet, report=not args.no_report, yes=args.yes)
     if summary.interrupted:
         return 130
     return 0 if summary.statuses.get("ok", 0) or not summary.ran else 1
@@ -88,12 +97,14 @@ def cmd_run(args) -> int:
 
 def cmd_validate(args) -> int:
     from suite.sweep import default_out, known_problems
-    from suite.config import load_experiment
+    from suite.config import MAX_TRIALS, load_experiment
 
-    exp = load_experiment(args.experiment)
+    exp = load_experiment(args.experiment, max_trials=None if args.yes else MAX_TRIALS)
     bad = known_problems(exp)
     print(f"{exp.source}: experiment {exp.name!r}, {len(exp.trials)} trials"
           f" over axes {', '.join(exp.axes) or '(none)'}; {len(bad)} known invalid before running")
+    for warning in exp.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for trial in exp.trials:
         if trial.trial_id in bad:
             print(f"  skip {trial.trial_id}  {trial.label}: {bad[trial.trial_id]}")
@@ -104,9 +115,13 @@ def cmd_validate(args) -> int:
 
 
 def _check_model(trial: Trial) -> None:
+    """Model name, weights and device, checked before any work (bad input: exit 2)."""
     from suite.config import check_models, Experiment
+    from suite.device import resolve_device
 
-    check_models(Experiment(name="cli", source="command line", trials=(trial,)))
+    for note in check_models(Experiment(name="cli", source="command line", trials=(trial,))):
+        print(f"warning: {note}", file=sys.stderr)
+    resolve_device(trial.device)  # --device cuda without CUDA: an error now, not a record without an environment
 
 
 def cmd_bench(args) -> int:
@@ -168,6 +183,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of seconds")
+    return value
+
+
 def cmd_compare(args) -> int:
     from suite.compare import compare_paths
     from suite.criteria import parse_thresholds
@@ -197,6 +219,8 @@ def cmd_profile(args) -> int:
     from suite.profile import profile_trial
 
     trial = trial_from_args(args)
+    if Path(args.logdir).exists() and not Path(args.logdir).is_dir():
+        raise SuiteError(f"--logdir {args.logdir} is a file; give a folder for the TensorBoard traces")
     _check_model(trial)
     print(profile_trial(trial, args.logdir, steps=args.steps, phase=args.phase))
     return 0
@@ -219,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with resume: also rerun trials stored as oom, error, crashed or timeout")
     p.add_argument("--backend", choices=("local", "ray"), help="where trials run (default: the file's run.backend or local)")
     p.add_argument("--address", help="Ray cluster address (with --backend ray)")
-    p.add_argument("--workers", type=int, help="local worker processes (one per GPU on multi-GPU machines)")
-    p.add_argument("--timeout", type=float, help="per-trial timeout in seconds")
+    p.add_argument("--workers", type=_positive_int, help="local worker processes (one per GPU on multi-GPU machines)")
+    p.add_argument("--timeout", type=_positive_seconds, help="per-trial timeout in seconds")
+    p.add_argument("--yes", action="store_true", help="run a grid above the trial limit (the count is shown first)")
     p.add_argument("--quiet", action="store_true", help="plain log lines instead of a progress bar (CI)")
     p.add_argument("--no-report", action="store_true", help="do not write the markdown report at the end")
     p.set_defaults(func=cmd_run)
@@ -228,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check an experiment file and list its trials known to be invalid")
     p.add_argument("experiment")
     p.add_argument("--out", help="where earlier results are, for the cost estimate")
+    p.add_argument("--yes", action="store_true", help="expand a grid above the trial limit")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("bench", help="measure one configuration (throughput, memory, FLOPs, MFU)")
@@ -283,8 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
+    except OSError as exc:  # a file the command must write: full disk, no permission, a folder in the way
+        print(f"error: cannot write {exc.filename or 'a file'}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted: results stored so far are kept; rerun with --resume", file=sys.stderr)
+        # `run` prints its own resume command (with the --out it used) before this is reached.
+        print("interrupted" + ("" if args.command != "run" else ": the results stored so far are kept"),
+              file=sys.stderr)
         return 130
 
 

@@ -22,16 +22,23 @@ Checking model names needs timm (and so torch); everything else here is light.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from suite.criteria import parse_select, parse_thresholds
 from suite.errors import ConfigError, close_matches, suggest  # noqa: F401 - ConfigError re-exported
+from suite.hub import hub_weights_problem, looks_like_path
 from suite.options import BACKENDS, OPTION_BY_NAME, OPTIONS, Trial, options_in
 
 SECTIONS = ("name", "description", "measure", "probe", "grid", "include", "exclude", "select", "compare", "run")
 RUN_KEYS = {"timeout_s": (int, float), "workers": (int,), "backend": (str,), "address": (str,), "out": (str,)}
+# Above this many trials a grid is refused unless confirmed (`--yes`, `max_trials=None`): a typo in a
+# grid can ask for millions of trials, which would take days and gigabytes before the first one runs.
+MAX_TRIALS = 10_000
+# The sweep's own cost per trial (worker hand-off, store commit; benchmarks/README.md): a floor, not an estimate.
+OVERHEAD_S_PER_TRIAL = 0.5
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class Experiment:
     compare: dict | None = None
     run: dict = field(default_factory=dict)
     text: str = ""  # the file as written, stored with the results
+    warnings: tuple = ()  # tuple[str, ...]: legal but probably not meant (an exclude rule that matches nothing)
 
     @property
     def axes(self) -> list[str]:
@@ -93,17 +101,62 @@ def _check_options(path: str, block: Any, problems: list[str], *, allowed, lists
     return good
 
 
-def _expand(axes: dict[str, list]) -> list[dict]:
+def _expand(axes: dict[str, list]):
+    """Every combination of the axes' values, one at a time (never the whole grid in memory)."""
     names = list(axes)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(axes[n] for n in names))]
+    return (dict(zip(names, combo)) for combo in itertools.product(*(axes[n] for n in names)))
+
+
+def count_trials(grid: dict[str, list], includes: list[dict]) -> int:
+    """Grid points plus include combinations, before exclude and de-duplication: counted, not expanded."""
+    count = math.prod(len(v) for v in grid.values()) if grid or not includes else 0
+    return count + sum(math.prod(len(v) for v in entry.values()) for entry in includes)
+
+
+def _too_many(count: int, limit: int) -> str:
+    floor_h = count * OVERHEAD_S_PER_TRIAL / 3600
+    return (f"the grid expands to {count:,} trials (before exclude), above the limit of {limit:,}: that is at least "
+            f"{floor_h:,.1f} h of the sweep's own overhead ({OVERHEAD_S_PER_TRIAL} s per trial) before any measuring; "
+            "shrink the grid or split it into several experiments, or confirm with --yes (max_trials=None)")
+
+
+def _unswept_identity(path: str, block: dict[str, list], problems: list[str]) -> None:
+    """A list of values for an option that is not part of a trial's identity would collapse to one trial."""
+    for key, values in block.items():
+        if len(values) > 1 and not OPTION_BY_NAME[key].identity:
+            problems.append(f"{path}.{key}: {values!r} cannot be swept: {key} does not change what is measured "
+                            "(it is not part of a trial's identity), so every value would name the same trial; "
+                            "give one value")
 
 
 def _matches(trial, rule: dict[str, list]) -> bool:
     return all(getattr(trial, k) in values for k, values in rule.items())
 
 
-def parse_experiment(data: Any, source: str = "<experiment>", text: str = "") -> Experiment:
-    """Validate a loaded experiment mapping and expand it into trials (no model-name check)."""
+def _check_run(run: Any, problems: list[str]) -> dict:
+    """The `run:` block (timeout_s, workers, backend, address, out), its problems appended."""
+    if not isinstance(run, dict):
+        problems.append(f"run: expected a mapping, got {type(run).__name__}")
+        return {}
+    for key, value in run.items():
+        if key not in RUN_KEYS:
+            problems.append(f"run.{key}: unknown key{suggest(key, RUN_KEYS)}")
+        elif not isinstance(value, RUN_KEYS[key]) or isinstance(value, bool):
+            problems.append(f"run.{key}: {value!r} has the wrong type")
+        elif key == "backend" and value not in BACKENDS:
+            problems.append(f"run.backend: {value!r} must be one of {BACKENDS}{suggest(value, BACKENDS)}")
+        elif key in ("timeout_s", "workers") and not 0 < value < math.inf:
+            problems.append(f"run.{key}: {value!r} must be positive (and finite)")
+    return run
+
+
+def parse_experiment(data: Any, source: str = "<experiment>", text: str = "", *,
+                     max_trials: int | None = MAX_TRIALS) -> Experiment:
+    """Validate a loaded experiment mapping and expand it into trials (no model-name check).
+
+    Args:
+        max_trials: refuse a grid of more trials than this (None: no limit).
+    """
     problems: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError(source, [f"expected a mapping at the top level, got {type(data).__name__}"])
@@ -123,6 +176,7 @@ def parse_experiment(data: Any, source: str = "<experiment>", text: str = "") ->
         if section in data:
             fixed.update(_check_options(section, data[section], problems, allowed=options_in(*groups), lists=False))
     grid = _check_options("grid", data.get("grid", {}), problems, allowed=OPTIONS, lists=True)
+    _unswept_identity("grid", grid, problems)
     overlap = sorted(set(grid) & set(fixed))
     for key in overlap:
         problems.append(f"grid.{key}: also set outside the grid; set it in one place")
@@ -132,27 +186,18 @@ def parse_experiment(data: Any, source: str = "<experiment>", text: str = "") ->
         if not isinstance(raw, list):
             problems.append(f"{section}: expected a list of mappings, got {type(raw).__name__}")
             return []
-        return [_check_options(f"{section}[{i}]", e, problems, allowed=OPTIONS, lists=True) for i, e in enumerate(raw)]
+        out = [_check_options(f"{section}[{i}]", e, problems, allowed=OPTIONS, lists=True) for i, e in enumerate(raw)]
+        if section == "include":
+            for i, entry in enumerate(out):
+                _unswept_identity(f"include[{i}]", entry, problems)
+        return out
 
     includes, excludes = entries("include"), entries("exclude")
     has_model = "model" in grid or "model" in fixed
     if not has_model and (grid or not includes or not all("model" in e for e in includes)):
         problems.append("grid.model: required (at least one timm model name), e.g. grid: {model: [resnet50]}")
 
-    run = data.get("run", {}) or {}
-    if not isinstance(run, dict):
-        problems.append(f"run: expected a mapping, got {type(run).__name__}")
-        run = {}
-    for key, value in run.items():
-        if key not in RUN_KEYS:
-            problems.append(f"run.{key}: unknown key{suggest(key, RUN_KEYS)}")
-        elif not isinstance(value, RUN_KEYS[key]) or isinstance(value, bool):
-            problems.append(f"run.{key}: {value!r} has the wrong type")
-        elif key == "backend" and value not in BACKENDS:
-            problems.append(f"run.backend: {value!r} must be one of {BACKENDS}{suggest(value, BACKENDS)}")
-        elif key in ("timeout_s", "workers") and value <= 0:
-            problems.append(f"run.{key}: {value!r} must be positive")
-
+    run = _check_run(data.get("run", {}) or {}, problems)
     select = data.get("select")
     if select is not None:
         try:
@@ -168,51 +213,117 @@ def parse_experiment(data: Any, source: str = "<experiment>", text: str = "") ->
     if problems:
         raise ConfigError(source, problems)
 
-    trials: list = []
-    if grid or not includes:
-        for point in _expand(grid):
-            trial = Trial(**{**fixed, **point})
-            if not any(_matches(trial, rule) for rule in excludes):
-                trials.append(trial)
-    single = {k: v[0] for k, v in grid.items() if len(v) == 1}
-    for entry in includes:
-        for point in _expand(entry):
-            trials.append(Trial(**{**fixed, **single, **point}))
-    trials = list({t.trial_id: t for t in trials}.values())  # first occurrence wins, order kept
-    if not trials:
-        raise ConfigError(source, ["the grid expands to no trials (exclude removed them all?)"])
+    count = count_trials(grid, includes)
+    if max_trials is not None and count > max_trials:
+        raise ConfigError(source, [_too_many(count, max_trials)])
+    trials, warnings = _expand_trials(grid, fixed, includes, excludes, source)
     return Experiment(
         name=name.strip(), source=source, trials=tuple(trials), description=str(data.get("description", "")),
-        select=select, compare=compare, run=dict(run), text=text,
+        select=select, compare=compare, run=dict(run), text=text, warnings=tuple(warnings),
     )
 
 
-def check_models(exp: Experiment) -> None:
-    """Unknown timm model names, with close matches, raised as a ConfigError. Imports timm."""
+def _expand_trials(grid: dict, fixed: dict, includes: list[dict], excludes: list[dict],
+                   source: str) -> tuple[list, list[str]]:
+    """The trials (grid order, then includes; each once) and warnings about exclude rules that matched nothing.
+
+    Raises:
+        ConfigError: two entries name the same trial with different values of a non-identity option,
+            or nothing is left.
+    """
+    trials: list = []
+    used = [False] * len(excludes)
+    if grid or not includes:
+        for point in _expand(grid):
+            trial = Trial(**{**fixed, **point})
+            hits = [i for i, rule in enumerate(excludes) if _matches(trial, rule)]
+            for i in hits:
+                used[i] = True
+            if not hits:
+                trials.append(trial)
+    single = {k: v[0] for k, v in grid.items() if len(v) == 1}
+    for entry in includes:
+        trials.extend(Trial(**{**fixed, **single, **point}) for point in _expand(entry))
+    unique: dict = {}
+    problems = []
+    for trial in trials:
+        first = unique.setdefault(trial.trial_id, trial)  # the first occurrence wins, order kept
+        if first != trial:
+            diff = ", ".join(f"{o.name}: {getattr(first, o.name)!r} vs {getattr(trial, o.name)!r}" for o in OPTIONS
+                             if getattr(first, o.name) != getattr(trial, o.name))
+            problems.append(f"include: {trial.label} is given twice with different settings that do not change "
+                            f"what is measured ({diff}); give one value")
+    if problems:
+        raise ConfigError(source, sorted(set(problems)))
+    if not unique:
+        raise ConfigError(source, ["the grid expands to no trials (exclude removed them all?)"])
+    warnings = [f"exclude[{i}]: {rule} matches no trial of the grid; check its names and values"
+                for i, rule in enumerate(excludes) if not used[i]]
+    return list(unique.values()), warnings
+
+
+def check_models(exp: Experiment) -> list[str]:
+    """Raise unknown model names (with close matches), missing checkpoints and hub weights that cannot
+    be had offline as a ConfigError; return warnings (weights that each trial will download). Imports timm.
+    """
     import timm
 
-    problems = []
+    problems, notes = [], []
     for model in sorted({t.model for t in exp.trials}):
         base = model.split(".", 1)[0]
-        if model.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or timm.is_model(base):
+        if model.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+            problems.append(f"model: {model!r}: hub and local-dir model names are not supported as model; give the "
+                            "timm architecture as model and the weights as pretrained, e.g. "
+                            "{model: vit_base_patch16_224, pretrained: 'hf-hub:timm/vit_base_patch16_224.augreg_in21k'}")
+            continue
+        if timm.is_model(base):
             continue
         matches = close_matches(base, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else " (see timm.list_models())"
         problems.append(f"model: {model!r} is not a timm model{hint}")
-    for trial in exp.trials:
-        weights = trial.pretrained
+    for model, weights in sorted({(t.model, t.pretrained) for t in exp.trials}, key=repr):
         if isinstance(weights, str) and _looks_like_path(weights) and not Path(weights).expanduser().exists():
             problems.append(f"pretrained: checkpoint file {weights!r} does not exist")
+        elif not problems:
+            problem, note = hub_weights_problem(model, weights)
+            problems += [problem] if problem else []
+            notes += [note] if note else []
     if problems:
         raise ConfigError(exp.source, sorted(set(problems)))
+    return notes
 
 
 def _looks_like_path(value: str) -> bool:
-    return "/" in value or value.endswith((".safetensors", ".pth", ".pt", ".bin", ".ckpt"))
+    return looks_like_path(value)
 
 
-def load_experiment(path: str | Path, *, check_names: bool = True) -> Experiment:
-    """Read, validate and expand an experiment file. Raises ConfigError (exit code 2 on the CLI)."""
+def _unique_key_loader():
+    """A yaml SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping (lines {seen[key]} and {line}); "
+                        "keep one (list several values in one key to sweep them)", key_node.start_mark)
+                seen.setdefault(key, line)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def load_experiment(path: str | Path, *, check_names: bool = True, max_trials: int | None = MAX_TRIALS) -> Experiment:
+    """Read, validate and expand an experiment file. Raises ConfigError (exit code 2 on the CLI).
+
+    Args:
+        check_names: also check model names and weights with timm (imports torch).
+        max_trials: refuse a grid of more trials than this (None: no limit).
+    """
     import yaml
 
     source = str(path)
@@ -221,10 +332,11 @@ def load_experiment(path: str | Path, *, check_names: bool = True) -> Experiment
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
-    exp = parse_experiment(data, source, text)
+    exp = parse_experiment(data, source, text, max_trials=max_trials)
     if check_names:
-        check_models(exp)
+        notes = check_models(exp)
+        exp = replace(exp, warnings=exp.warnings + tuple(notes))
     return exp

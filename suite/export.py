@@ -6,14 +6,16 @@
                         and phase; see `_pytest_benchmark` for what each statistic means here)
     open-clip-config    an open_clip model config ({embed_dim, vision_cfg}) of one trial, so the
                         tower trains with open_clip as it was measured, plus the matching
-                        open_clip training flags in a `.train-args.txt` file beside it
+                        open_clip training flags in a `.train-args.txt` file beside it (and, where
+                        open_clip cannot build the measured tower, what it builds instead)
 
-This module must stay light: no torch.
+This module must stay light: no torch, except open-clip-config, which builds trunks on the meta device.
 """
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,7 +26,7 @@ from suite.criteria import parse_select
 from suite.errors import MissingDependency, SuiteError, suggest
 from suite.rows import get, num, plain, rows_of, trial_label, varying_axes
 from suite.select import apply_select
-from suite.store import load_meta, load_results, resolve_path
+from suite.store import load_meta, load_results, output_file, resolve_path, write_text
 
 FORMATS = ("csv", "parquet", "timm-csv", "pytest-benchmark", "open-clip-config")
 DEFAULT_NAMES = {
@@ -268,18 +270,57 @@ def open_clip_config(row) -> tuple[dict[str, Any], list[str]]:
     return config, [" ".join(flags)] + notes
 
 
+def open_clip_build_note(row) -> str | None:
+    """What open_clip builds from the exported config, when that is not the tower that was measured.
+
+    open_clip's `TimmModel` (3.3) never passes `image_size` to timm, so a trunk whose weights depend on
+    the input size (a ViT's position embedding; `abs_attn` pooling) is built at timm's default size.
+    Imports timm (and torch); the trunks are built on the meta device, so this is quick and allocates nothing.
+    """
+    import timm
+    import torch
+
+    model, size, pool = str(get(row, "model")), int(num(get(row, "image_size"))), get(row, "pool")
+    cfg = timm.models.get_pretrained_cfg(model)
+    default = int(cfg.input_size[-1]) if cfg is not None else 224
+    if size == default:
+        return None
+    with torch.device("meta"):
+        built = timm.create_model(model).state_dict()
+        try:
+            measured = timm.create_model(model, img_size=size).state_dict()
+        except TypeError:  # the model takes no img_size: its weights do not depend on it
+            measured = built
+    diff = [f"{k} {tuple(built[k].shape)} vs {tuple(v.shape)} measured" for k, v in measured.items()
+            if k in built and built[k].shape != v.shape]
+    if pool == "abs_attn":
+        diff.append("the abs_attn pool's positional embedding, sized from timm's default pool_size")
+    if not diff:
+        return None
+    tower = (f"suite.tower.TimmTower({model!r}, embed_dim={int(num(get(row, 'embed_dim')))}, image_size={size}, "
+             f"pool={pool!r}, proj={get(row, 'proj')!r}, proj_bias={bool(get(row, 'proj_bias'))})")
+    return (f"open_clip does not build the measured tower from this config: its TimmModel does not pass image_size "
+            f"to timm, so it builds {model} at timm's default {default} px ({'; '.join(diff[:2])}), and the weights "
+            f"of the {size}-px tower that was measured do not load into it. To train the measured tower, replace "
+            f"open_clip's: model.visual = {tower} (open_clip TimmModel-compatible); or measure at {default} px.")
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
 def _write_open_clip(df, db: Path, out_path: str | Path | None, trial_id: str | None) -> Path:
     """The chosen trial's open_clip config, and its training flags in a `.train-args.txt` beside it."""
     row = _chosen_trial(df, db, trial_id)
-    out = Path(out_path) if out_path else db.parent / f"open_clip-{str(get(row, 'trial_id'))[:8]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    name = f"open_clip-{str(get(row, 'trial_id'))[:8]}.json"
+    out = output_file(out_path, name) if out_path else db.parent / name
     config, extra = open_clip_config(row)
-    out.write_text(json.dumps(config, indent=4) + "\n")
+    note = open_clip_build_note(row)
+    if note:
+        extra.append(f"# WARNING: {note}")
+        print(f"warning: {out}: {note}", file=sys.stderr)
+    write_text(out, json.dumps(config, indent=4) + "\n")
     args = out.with_name(out.stem + ".train-args.txt")
-    args.write_text(f"# open_clip training flags for trial {get(row, 'trial_id')} "
+    write_text(args, f"# open_clip training flags for trial {get(row, 'trial_id')} "
                     f"({trial_label(row, varying_axes(df))}), as it was measured\n" + "\n".join(extra) + "\n")
     return out
 
@@ -322,7 +363,9 @@ def export(db_path: str | Path, fmt: str, out_path: str | Path | None = None, *,
     if fmt == "open-clip-config":
         return _write_open_clip(df, db, out_path, trial_id)
     df = _filter(df, trial_id)
-    out = Path(out_path) if out_path else db.parent / DEFAULT_NAMES[fmt]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_table(df, fmt, out)
+    out = output_file(out_path, DEFAULT_NAMES[fmt]) if out_path else db.parent / DEFAULT_NAMES[fmt]
+    try:
+        _write_table(df, fmt, out)
+    except OSError as e:
+        raise SuiteError(f"cannot write {out}: {e.strerror or e}; choose another output path") from None
     return out

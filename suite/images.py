@@ -149,6 +149,29 @@ def bad_image(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
+def to_rgb(im):
+    """An 8-bit RGB copy of a PIL image, high-bit-depth gray (16-bit PNG/TIFF) scaled down to 8 bits.
+
+    PIL's own `convert("RGB")` clips 16-bit gray values above 255 to white (a 16-bit photo comes out
+    almost all white); here 0..65535 maps to 0..255.
+
+    Raises:
+        ValueError: a 32-bit integer image with values outside 0..65535, or a floating-point image
+            (no known range to scale from): convert it to 8 or 16 bits first.
+    """
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"32-bit integer image with values {a.min()}..{a.max()} (not 16-bit): no range to scale "
+                             "to 8 bits from; convert it to an 8- or 16-bit PNG")
+        return Image.fromarray((a.astype(np.uint32) >> 8).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        raise ValueError("floating-point image: no range to scale to 8 bits from; convert it to an 8- or 16-bit PNG")
+    return im.convert("RGB")
+
+
 # --------------------------------------------------------------------------- map-style datasets
 
 
@@ -194,7 +217,7 @@ class FileImages:
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                img = to_rgb(im)
         except Exception as e:  # checked up front; only a file changed since then gets here
             raise DatasetError(f"cannot read image {path}: {e}. Remove or replace it, or set skip_bad_images") from e
         return (self.transform(img) if self.transform else img), label

@@ -16,8 +16,10 @@ This module must stay light: no torch.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterable
@@ -202,7 +204,20 @@ class ResultStore:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
 
+    def stored_trials(self) -> dict[str, dict[str, Any]]:
+        """trial_id -> its configuration (the `Trial` fields), over every environment."""
+        names = [n for n in CONFIG_COLUMNS if n in self._columns]
+        cols = ", ".join(f'"{n}"' for n in ["trial_id", *names])
+        rows = self._db.execute(f"SELECT {cols} FROM trials").fetchall()
+        return {r[0]: {n: _decode(v, self._columns[n]) for n, v in zip(names, r[1:])} for r in rows}
+
     def close(self) -> None:
+        """Close; the finished file goes back to a plain rollback journal, so readers of a read-only
+        copy never need to create `-wal`/`-shm` files beside it (skipped while a reader holds it)."""
+        try:
+            self._db.execute("PRAGMA journal_mode=DELETE")
+        except sqlite3.OperationalError:  # a report is reading it right now: it stays in WAL mode
+            pass
         self._db.close()
 
     def __enter__(self) -> "ResultStore":
@@ -210,6 +225,81 @@ class ResultStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class StoreLocked(SuiteError):
+    """Another process is writing this results store (its PID is in the message)."""
+
+
+class StoreLock:
+    """An exclusive lock on a results store for one writer (a sweep), held until `release` or exit.
+
+    A lock file beside the database (`results.sqlite.lock`) holds the owner's PID; the lock itself is
+    `flock`, so the kernel drops it when the owner dies (even by `kill -9`): no stale lock to clean up.
+
+    Raises:
+        StoreLocked: another live process holds it.
+    """
+
+    def __init__(self, db_path: str | Path):
+        self.path = Path(str(db_path) + ".lock")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise StoreLocked(
+                f"{db_path} is being written by another `suite run` (PID {owner}); wait for it to finish "
+                "(then --resume runs what it left), stop it, or give this run another --out"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1
+
+    def __enter__(self) -> "StoreLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --- output files beside a store -------------------------------------------------------------
+
+
+def output_file(path: str | Path, default_name: str) -> Path:
+    """The file to write for a user's `-o PATH`: inside PATH when it is a folder; its folder created.
+
+    Raises:
+        SuiteError: a parent of PATH is a file, or the folder cannot be created (the message names it).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / default_name
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise SuiteError(f"cannot write {path}: {parent} is a file, not a folder; choose another output path")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SuiteError(f"cannot create the folder {path.parent} for {path}: {e.strerror or e}") from None
+    return path
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file, a failure (full disk, no permission) raised as a SuiteError naming the file."""
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise SuiteError(f"cannot write {path}: {e.strerror or e}; choose another output path") from None
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -243,11 +333,18 @@ def _connect_readonly(path: str | Path) -> tuple[Path, sqlite3.Connection]:
     return path, db
 
 
+def _damaged(path: Path, exc: sqlite3.DatabaseError) -> SuiteError:
+    return SuiteError(f"{path} is damaged and cannot be read ({exc}); restore it from a copy, or rerun the "
+                      "experiment into a new --out (`sqlite3 FILE .recover` may save the rows that are intact)")
+
+
 def load_meta(path: str | Path) -> dict[str, Any]:
     """Every meta entry of a results store, as a dict."""
-    _, db = _connect_readonly(path)
+    path, db = _connect_readonly(path)
     try:
         return {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta ORDER BY key")}
+    except sqlite3.DatabaseError as e:
+        raise _damaged(path, e) from None
     finally:
         db.close()
 
@@ -275,6 +372,8 @@ def load_results(path: str | Path):
         cols = ", ".join(f'"{n}"' for n in names)
         order = ", ".join(f'"{c}"' for c in ("env_key", "model", "trial_id") if c in kinds)
         rows = db.execute(f"SELECT {cols} FROM trials ORDER BY {order}").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise _damaged(path, e) from None
     finally:
         db.close()
     data = {}

@@ -8,6 +8,7 @@ short-lived child process (`preflight`); the trials run in the runner's workers.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,16 +16,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from suite.config import Experiment, check_models, load_experiment
+from suite.config import MAX_TRIALS, Experiment, check_models, load_experiment
 from suite.data import check_dataset
 from suite.device import resolve_device
-from suite.errors import ConfigError
+from suite.errors import ConfigError, SuiteError
 from suite.execute import trial_env
-from suite.options import trial_label
+from suite.options import OPTIONS, config_value, trial_label
 from suite.records import Env, TrialRecord
 from suite.report import write_report
 from suite.runner import run_trials
-from suite.store import DEFAULT_NAME, ResultStore
+from suite.store import DEFAULT_NAME, ResultStore, StoreLock
 from suite.workers import call_in_child
 
 
@@ -75,6 +76,14 @@ def known_problems(exp: Experiment) -> dict[str, str]:
     return out
 
 
+class ResultsExist(SuiteError, FileExistsError):
+    """Results are stored at the output and the run was not asked to resume."""
+
+
+class OtherExperiment(SuiteError):
+    """The output folder's store belongs to another experiment, or to another version of this one."""
+
+
 @dataclass(frozen=True)
 class Preflight:
     """What the sweep must know before it runs anything, found where torch may be imported.
@@ -90,6 +99,7 @@ class Preflight:
     model_problems: list[str]
     known_problems: dict[str, str] = field(default_factory=dict)
     env: Env = field(default_factory=Env)
+    warnings: list[str] = field(default_factory=list)
 
 
 def preflight(exp: Experiment) -> Preflight:
@@ -103,10 +113,23 @@ def preflight(exp: Experiment) -> Preflight:
         UnsupportedConfig: the trials ask for CUDA where there is none.
     """
     try:
-        check_models(exp)
+        notes = check_models(exp)
     except ConfigError as exc:
         return Preflight(exc.problems)
-    return Preflight([], known_problems(exp), trial_env(resolve_device(exp.trials[0].device)))
+    return Preflight([], known_problems(exp), trial_env(resolve_device(exp.trials[0].device)), notes)
+
+
+def check_run_args(workers: int | None, timeout_s: float | None) -> None:
+    """The same rules as the file's `run:` block, for the arguments that override it (0 is not "unset").
+
+    Raises:
+        SuiteError: workers below 1, or a timeout that is not a positive, finite number of seconds.
+    """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise SuiteError(f"workers={workers!r}: must be a positive integer (1 for CPU timings)")
+    if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and 0 < timeout_s < math.inf):
+        raise SuiteError(f"timeout_s={timeout_s!r}: must be a positive, finite number of seconds (leave it out for "
+                         "the file's run.timeout_s, or no limit)")
 
 
 def run_experiment(
@@ -121,26 +144,46 @@ def run_experiment(
     timeout_s: float | None = None,
     quiet: bool = False,
     report: bool = True,
+    yes: bool = False,
     cache_dir: str | Path | None = None,
     console=None,
 ) -> SweepSummary:
     """Run every trial of an experiment file (or, with `resume`, only those not yet stored).
 
     With `retry_failed` (implies `resume`), trials stored as oom/error/crashed/timeout run again;
-    their new rows replace the old ones.
+    their new rows replace the old ones. `yes` confirms a grid above `config.MAX_TRIALS` trials.
 
     Raises:
         ConfigError: the file is invalid; nothing has run.
-        FileExistsError: results exist at the output and neither `resume` was asked for.
+        ResultsExist (a FileExistsError): results exist at the output and `resume` was not asked for.
+        OtherExperiment: the output holds another experiment's results, or another version of this one.
+        StoreLocked: another sweep is writing the same output.
     """
     console = console or Console(stderr=True, quiet=False)
-    exp = load_experiment(path, check_names=False)  # names are checked with timm, in the preflight child
+    check_run_args(workers, timeout_s)
+    # names are checked with timm, in the preflight child
+    exp = load_experiment(path, check_names=False, max_trials=None if yes else MAX_TRIALS)
     checked = call_in_child(preflight, exp)
     if checked.model_problems:
         raise ConfigError(exp.source, checked.model_problems)
-    skipped, env = checked.known_problems, checked.env
+    for warning in (*exp.warnings, *checked.warnings):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     out_dir = Path(out) if out else default_out(exp)
     db_path = out_dir / DEFAULT_NAME
+    lock = StoreLock(db_path)  # before any trial: a second sweep on this output stops here
+    try:
+        return _run_locked(exp, checked, out_dir, db_path, console=console, resume=resume, retry_failed=retry_failed,
+                           backend=backend, address=address, workers=workers, timeout_s=timeout_s, quiet=quiet,
+                           report=report, cache_dir=cache_dir)
+    finally:
+        lock.release()
+
+
+def _run_locked(exp: Experiment, checked: Preflight, out_dir: Path, db_path: Path, *, console, resume: bool,
+                retry_failed: bool, backend, address, workers, timeout_s, quiet: bool, report: bool,
+                cache_dir) -> SweepSummary:
+    """`run_experiment` once the preflight passed and the output's lock is held."""
+    skipped, env = checked.known_problems, checked.env
 
     store = ResultStore(db_path)
     try:
@@ -166,8 +209,8 @@ def run_experiment(
         results = run_trials(
             runnable,
             fn_kwargs={"cache_dir": str(cache_dir) if cache_dir else None},
-            workers=workers or exp.run.get("workers", 1),
-            timeout_s=timeout_s or exp.run.get("timeout_s"),
+            workers=workers if workers is not None else exp.run.get("workers", 1),
+            timeout_s=timeout_s if timeout_s is not None else exp.run.get("timeout_s"),
             backend=backend or exp.run.get("backend", "local"),
             address=address or exp.run.get("address"),
             on_result=keep,
@@ -182,11 +225,16 @@ def run_experiment(
     report_path = write_report(db_path, out_dir / "report.md") if report else None
     if results.interrupted:
         console.print(f"interrupted: {len(records)} results stored in {db_path}; "
-                      f"`suite run {exp.source} --resume` runs the rest")
+                      f"`{resume_command(exp, out_dir)}` runs the rest")
     elif report_path:
         console.print(f"report: {report_path}")
     return SweepSummary(db_path, report_path, len(records), len(done), statuses, wall, results.measured_time_s,
                         results.interrupted)
+
+
+def resume_command(exp: Experiment, out_dir: Path) -> str:
+    """The command that continues this run, with the output folder it used."""
+    return f"suite run {exp.source} --out {out_dir} --resume"
 
 
 def _start_store(store: ResultStore, exp: Experiment, env_key: str, *, resume: bool, retry_failed: bool) -> set[str]:
@@ -195,11 +243,13 @@ def _start_store(store: ResultStore, exp: Experiment, env_key: str, *, resume: b
     With `retry_failed`, only ok and skipped trials count as stored.
 
     Raises:
-        FileExistsError: results are stored and neither `resume` nor `retry_failed` was asked for.
+        OtherExperiment: the store holds another experiment, or trials this version of it no longer has.
+        ResultsExist: results are stored and neither `resume` nor `retry_failed` was asked for.
     """
+    _check_same_experiment(store, exp)
     done = store.done_ids(env_key, statuses=("ok", "skipped") if retry_failed else None)
     if done and not (resume or retry_failed):
-        raise FileExistsError(
+        raise ResultsExist(
             f"{store.path} already holds {len(done)} result(s) of this environment; "
             "pass --resume to run only the missing trials, or --out DIR for a fresh run"
         )
@@ -207,3 +257,29 @@ def _start_store(store: ResultStore, exp: Experiment, env_key: str, *, resume: b
                                   "select": exp.select, "compare": exp.compare, "axes": exp.axes})
     store.set_meta("experiment_text", exp.text)
     return done
+
+
+def _check_same_experiment(store: ResultStore, exp: Experiment) -> None:
+    """A store belongs to one experiment: refuse another's name, or stored trials this file no longer makes."""
+    fresh = f"run it with --out {Path('runs') / exp.name} (or another new folder)"
+    stored = store.get_meta("experiment") or {}
+    if stored.get("name") not in (None, exp.name):
+        raise OtherExperiment(f"{store.path} holds the results of experiment {stored['name']!r} "
+                              f"({stored.get('source')}), not {exp.name!r} ({exp.source}); a store belongs to one "
+                              f"experiment: {fresh}")
+    current = {t.trial_id for t in exp.trials}
+    stale = [cfg for tid, cfg in store.stored_trials().items() if tid not in current]
+    if not stale:
+        return
+    changed = []
+    for o in OPTIONS:
+        before = {config_value(o.name, o.default if c.get(o.name) is None and not o.nullable else c.get(o.name))
+                  for c in stale}
+        now = {config_value(o.name, getattr(t, o.name)) for t in exp.trials}
+        if before - now:
+            changed.append(f"{o.name}: {', '.join(sorted(before - now))} -> {', '.join(sorted(now))}")
+    raise OtherExperiment(
+        f"{store.path} holds {len(stale)} trial(s) that {exp.source} no longer has; what changed: "
+        f"{'; '.join(changed) or 'trials were removed'}. Resuming would mix both versions in one report: "
+        f"restore the file as it was, or {fresh}"
+    )

@@ -15,6 +15,7 @@ A file that is missing, unreadable or does not fit raises `WeightsError` naming 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """
     if not path.is_file():
         raise WeightsError(f"pretrained={str(path)!r}: no such checkpoint file")
+    _check_format(path)
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file  # only for this format; timm depends on it anyway
@@ -117,8 +119,51 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(tower: nn.Module, path: Path) -> None:
+def _check_format(path: Path) -> None:
+    """Refuse a file that is no checkpoint format at all (torch.load of text fails with 'pop from empty list').
+
+    Raises:
+        WeightsError: naming the file and, for a text file, its first line (a Git LFS pointer, often).
+    """
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if path.suffix.lower() == ".safetensors" or head.startswith((b"PK\x03\x04", b"\x80")) or not head:
+        return  # safetensors, torch's zip format, a legacy pickle; an empty file fails on reading
+    try:
+        first = head.decode("utf-8").splitlines()[0][:80]
+    except (UnicodeDecodeError, IndexError):
+        raise WeightsError(f"checkpoint {path} is not a PyTorch (zip or pickle) or safetensors file") from None
+    lfs = " (a Git LFS pointer: run `git lfs pull` to fetch the real file)" if first.startswith("version https://git-lfs") else ""
+    raise WeightsError(f"checkpoint {path} is a text file, not a checkpoint{lfs}; it starts with {first!r}")
+
+
+def resample_pos_embeds(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Resample absolute position embeddings saved at another resolution to `module`'s patch grid, in place,
+    as timm does when it loads pretrained weights at another image size; one note per resampled key."""
+    from timm.layers import resample_abs_pos_embed
+
+    notes, own = [], module.state_dict()
+    for key, value in list(state.items()):
+        if not key.endswith("pos_embed") or key not in own or own[key].shape == value.shape or value.ndim != 3:
+            continue
+        owner = module.get_submodule(key.rsplit(".", 1)[0]) if "." in key else module
+        grid = getattr(getattr(owner, "patch_embed", None), "grid_size", None)
+        prefix = 0 if getattr(owner, "no_embed_class", False) else int(getattr(owner, "num_prefix_tokens", 0))
+        side = math.isqrt(value.shape[1] - prefix)
+        if grid is None or side * side != value.shape[1] - prefix or value.shape[2] != own[key].shape[2]:
+            continue  # not a square ViT grid: left for the shape check to name
+        state[key] = resample_abs_pos_embed(value, new_size=list(grid), old_size=[side, side],
+                                            num_prefix_tokens=prefix, verbose=False)
+        notes.append(f"{key} resampled from a {side}x{side} to a {grid[0]}x{grid[1]} patch grid (bicubic, as timm "
+                     "does for pretrained weights at another image size)")
+    return notes
+
+
+def load_checkpoint(tower: nn.Module, path: Path) -> list[str]:
     """Load a checkpoint file into a `TimmTower` (its `trunk` and `model_name` are used), strictly.
+
+    Position embeddings saved at another resolution are resampled to the tower's (see
+    `resample_pos_embeds`); what was resampled is returned and kept in `tower.weights_notes`.
 
     Raises:
         WeightsError: the file cannot be read or does not fit the tower.
@@ -129,9 +174,14 @@ def load_checkpoint(tower: nn.Module, path: Path) -> None:
         if not any(k.startswith("trunk.") for k in state):
             raise WeightsError(f"checkpoint {path} has visual.* keys but no visual.trunk.*: not a timm tower")
     if any(k.startswith("trunk.") for k in state):  # a tower (TimmTower / open_clip TimmModel)
-        _load_into(tower, state, path, f"tower ({tower.model_name}, trunk and head)")
-        return
-    _load_into(tower.trunk, _fitting_classifier(tower.trunk, state), path, f"timm trunk {tower.model_name}")
+        module, what = tower, f"tower ({tower.model_name}, trunk and head)"
+    else:
+        module, what = tower.trunk, f"timm trunk {tower.model_name}"
+        state = _fitting_classifier(tower.trunk, state)
+    notes = resample_pos_embeds(module, state)
+    _load_into(module, state, path, what)
+    tower.weights_notes = notes
+    return notes
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -147,3 +147,121 @@ def test_cli_validate_exit_code_2_on_bad_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "suite.cli", "validate", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"{path}" in proc.stderr and "grid.pool[0]: 'avgg'" in proc.stderr
+
+
+# --- issue 14: nothing silently dropped -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["noise_threshold", "probe_batch_size"])
+def test_sweeping_an_option_outside_the_identity_is_an_error(tmp_path, option):
+    # It used to collapse to one trial keeping the LAST value, without a word.
+    values = "[0.1, 0.5, 0.9]" if option == "noise_threshold" else "[16, 32]"
+    problems = problems_of(tmp_path, f"""
+        name: x
+        grid: {{model: [test_vit], {option}: {values}}}
+    """)
+    assert len(problems) == 1
+    assert f"grid.{option}" in problems[0] and "not part of a trial's identity" in problems[0]
+    # One value is fine, and it is the value the trial gets.
+    exp = parse_experiment({"name": "x", "grid": {"model": ["test_vit"], option: [16 if option != "noise_threshold" else 0.5]}})
+    assert getattr(exp.trials[0], option) == (16 if option != "noise_threshold" else 0.5)
+
+
+def test_an_include_that_repeats_a_trial_with_other_settings_is_an_error():
+    with pytest.raises(ConfigError, match="given twice with different settings.*noise_threshold: 0.1 vs 0.5"):
+        parse_experiment({"name": "x", "grid": {"model": ["test_vit"]},
+                          "include": [{"model": "test_vit", "noise_threshold": 0.5}]})
+
+
+def test_a_key_given_twice_names_the_file_line_and_key(tmp_path):
+    problems = problems_of(tmp_path, """
+        name: x
+        grid:
+          model: [test_vit]
+          pool: [avg]
+          pool: [token]
+    """)
+    assert len(problems) == 1
+    assert "'pool' is given twice" in problems[0] and "lines 5 and 6" in problems[0]
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("iters", 0, "iters: 0 must be at least 1"),
+    ("embed_dim", 0, "embed_dim: 0 must be at least 1"),
+    ("batch_size", 0, "batch_size: 0 must be at least 1"),
+    ("warmup", -2, "warmup: -2 must not be negative"),
+    ("max_per_class", 1, "max_per_class: 1 must be at least 3 (each class needs an image in train, val and test; raise it"),
+    ("drop", 1.5, "drop: 1.5 must be at most 1"),
+])
+def test_every_range_is_checked_at_validation(tmp_path, key, value, expect):
+    problems = problems_of(tmp_path, f"""
+        name: x
+        {key}: {value}
+        grid: {{model: [test_vit]}}
+    """)
+    assert any(expect in p for p in problems), problems
+
+
+def test_run_timeout_must_be_finite(tmp_path):
+    problems = problems_of(tmp_path, """
+        name: x
+        grid: {model: [test_vit]}
+        run: {timeout_s: .inf}
+    """)
+    assert problems == ["run.timeout_s: inf must be positive (and finite)"]
+
+
+def test_a_huge_grid_is_counted_not_expanded_and_refused():
+    import time
+
+    grid = {"model": ["test_vit"], "seed": list(range(1000)), "embed_dim": list(range(1, 1001)),
+            "iters": list(range(1, 33))}  # 3.2e7 trials: expanding them would take minutes and gigabytes
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        parse_experiment({"name": "x", "grid": grid})
+    assert time.perf_counter() - start < 1.0
+    (problem,) = info.value.problems
+    assert "32,000,000 trials" in problem and "limit of 10,000" in problem and "--yes" in problem
+    assert "4,444.4 h" in problem  # the overhead floor: 3.2e7 x 0.5 s
+    # Under the limit, or with the limit lifted, it expands.
+    small = parse_experiment({"name": "x", "grid": {"model": ["test_vit"], "seed": list(range(20))}}, max_trials=20)
+    assert len(small.trials) == 20
+    assert len(parse_experiment({"name": "x", "grid": {"model": ["test_vit"], "seed": list(range(30))}},
+                                max_trials=None).trials) == 30
+
+
+def test_an_exclude_rule_that_matches_nothing_warns():
+    exp = parse_experiment({"name": "x", "grid": {"model": ["test_vit", "test_resnet"], "pool": ["avg", "max"]},
+                            "exclude": [{"model": "test_vit", "pool": "max"}, {"model": "test_vitt"}]})
+    assert len(exp.trials) == 3
+    assert exp.warnings == ("exclude[1]: {'model': ['test_vitt']} matches no trial of the grid; "
+                            "check its names and values",)
+
+
+def test_hub_model_names_are_refused_at_validation(tmp_path):
+    problems = problems_of(tmp_path, """
+        name: x
+        grid: {model: ['hf-hub:timm/test_vit.r160_in1k']}
+    """)
+    assert len(problems) == 1 and "not supported as model" in problems[0] and "pretrained: 'hf-hub:" in problems[0]
+
+
+def test_pretrained_weights_not_cached_fail_fast_offline(tmp_path, monkeypatch):
+    # No network is touched: the cache is an empty folder and downloads are off.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    import time
+
+    start = time.perf_counter()
+    problems = problems_of(tmp_path, """
+        name: x
+        grid: {model: [test_vit], pretrained: [true]}
+    """)
+    assert time.perf_counter() - start < 10
+    (problem,) = problems
+    assert "timm/test_vit.r160_in1k" in problem and "HF_HUB_OFFLINE=1" in problem
+    assert str(tmp_path / "hub") in problem and "local checkpoint file" in problem
+    # Downloads allowed: not an error, but a note that each trial downloads them.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    exp = load_experiment(write(tmp_path, "name: x\ngrid: {model: [test_vit], pretrained: [true]}\n"))
+    assert any("will be downloaded" in w and "HF_HUB_OFFLINE=1" in w for w in exp.warnings)

@@ -39,6 +39,7 @@ def test_csv_and_parquet_round_trip(db):
     assert out == db.parent / "results.csv"
     back = pd.read_csv(out)
     assert len(back) == 4 and list(back.columns) == list(df.columns)
+    pytest.importorskip("pyarrow")  # the parquet extra (not on every machine, e.g. the GPU check's)
     pq = export(db, "parquet", db.parent / "x.parquet")
     back = pd.read_parquet(pq)
     assert len(back) == 4 and list(back.columns) == list(df.columns)
@@ -106,7 +107,7 @@ def test_open_clip_config_of_the_select_best(db):
     args = out.with_name(out.stem + ".train-args.txt").read_text().splitlines()
     assert args[1] == ("--lock-image --lock-image-unlocked-groups 1 --lock-image-freeze-bn-stats "
                        "--grad-checkpointing --precision amp_bf16 --batch-size 16")
-    from open_clip.model import CLIPVisionCfg
+    CLIPVisionCfg = pytest.importorskip("open_clip.model").CLIPVisionCfg
 
     cfg = CLIPVisionCfg(**config["vision_cfg"])
     assert cfg.timm_model_name == "test_vit.augreg_in21k" and cfg.timm_pool == "token" and cfg.image_size == 96
@@ -118,7 +119,8 @@ def test_open_clip_config_builds_the_measured_tower(db, tmp_path):
     config = json.loads(export(db, "open-clip-config", tmp_path / "cfg.json", trial_id=tid[:8]).read_text())
     assert config["vision_cfg"]["timm_pool"] == "" and config["vision_cfg"]["timm_model_pretrained"] is False
     torch = pytest.importorskip("torch")
-    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+    open_clip_model = pytest.importorskip("open_clip.model")
+    CLIPVisionCfg, _build_vision_tower = open_clip_model.CLIPVisionCfg, open_clip_model._build_vision_tower
 
     tower = _build_vision_tower(config["embed_dim"], CLIPVisionCfg(**config["vision_cfg"]))
     with torch.no_grad():
@@ -151,3 +153,43 @@ def test_open_clip_config_needs_a_select_block_or_a_trial(tmp_path):
     with pytest.raises(SuiteError, match="no trial_id starts with 'zzz'"):
         export(db, "csv", tmp_path / "new" / "x.csv", trial_id="zzz")
     assert not (tmp_path / "new").exists()  # a bad request writes nothing
+
+
+@pytest.mark.parametrize("model, size, pool, proj, builds", [
+    ("test_resnet", 64, "avg", "linear", True),    # a conv net's weights do not depend on the input size
+    ("test_vit", 160, "token", "none", True),      # a ViT at timm's default size
+    ("test_vit", 96, "token", "linear", False),    # the smoke's ViT at 96 px: open_clip builds 160 px
+])
+def test_every_exported_open_clip_config_builds_the_measured_tower_or_says_what_it_builds(
+        tmp_path, capsys, model, size, pool, proj, builds):
+    """issue 14.13: build the exported config with open_clip and load the suite tower's weights strictly."""
+    torch = pytest.importorskip("torch")
+    open_clip = pytest.importorskip("open_clip")
+    from suite.tower import TimmTower
+
+    record = make_record(model, image_size=size, pool=pool, proj=proj, embed_dim=32)
+    db = write_store(tmp_path / "results.sqlite", [record])
+    out = export(db, "open-clip-config", tmp_path / "cfg.json", trial_id=record.trial.trial_id)
+    config = json.loads(out.read_text())
+    clip = open_clip.CLIP(embed_dim=config["embed_dim"], vision_cfg=config["vision_cfg"],
+                          text_cfg={"context_length": 8, "vocab_size": 16, "width": 8, "heads": 1, "layers": 1})
+    ours = TimmTower(model, 32, image_size=size, pool=pool, proj=proj)
+    notes = out.with_name(out.stem + ".train-args.txt").read_text()
+    warning = capsys.readouterr().err
+    if builds:
+        clip.visual.load_state_dict(ours.state_dict(), strict=True)
+        assert "WARNING" not in notes and warning == ""
+        return
+    with pytest.raises(RuntimeError, match="pos_embed"):
+        clip.visual.load_state_dict(ours.state_dict(), strict=True)
+    for text in (notes, warning):
+        assert "does not pass image_size" in text and "at timm's default 160 px" in text
+        assert "pos_embed (1, 101, 64) vs (1, 37, 64) measured" in text
+    # The recipe the note gives loads the measured weights, strictly, in open_clip's place.
+    recipe = notes.split("model.visual = ")[1].split(" (open_clip")[0]
+    import suite.tower
+
+    clip.visual = eval(recipe, {"suite": suite})  # noqa: S307 - our own note
+    clip.visual.load_state_dict(ours.state_dict(), strict=True)
+    with torch.no_grad():
+        assert clip.encode_image(torch.randn(1, 3, size, size)).shape == (1, 32)

@@ -109,3 +109,29 @@ def test_in_memory_batches_only_for_known_shapes(tmp_path):
     assert in_memory_batches(syn.train, 4) is None
     files = load_splits(trial(dataset="imagefolder", root=str(write_digits_folder(tmp_path, per_class=3))), transform)
     assert in_memory_batches(files.train, 4) is None
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped_white(tmp_path):
+    # issue 14.5: PIL's convert("RGB") of an I;16 image clipped ~99% of the pixels to white.
+    import numpy as np
+    from PIL import Image
+
+    levels = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode == "I;16"
+        assert (np.asarray(im.convert("RGB"))[..., 0] == 255).mean() > 0.9  # what PIL alone does
+    img, label = FileImages([(str(tmp_path / "deep.png"), 3)])[0]
+    rgb = np.asarray(img)
+    assert label == 3 and rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    assert np.array_equal(rgb[..., 0], (levels >> 8).astype(np.uint8))  # full range kept: 0..255
+    assert (rgb[..., 0] == 255).mean() < 0.01
+
+
+def test_images_without_a_known_range_are_refused_by_name(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8), 1e6, dtype=np.float32), "F").save(tmp_path / "float.tiff")
+    with pytest.raises(DatasetError, match="float.tiff.*floating-point image"):
+        FileImages([(str(tmp_path / "float.tiff"), 0)])[0]

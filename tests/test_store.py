@@ -62,7 +62,8 @@ def test_rewrite_replaces_and_envs_stay_apart(tmp_path):
     assert len(df) == 2
     assert sorted(df["train_samples_per_sec"]) == [123.0, 999.0]
     assert set(df["status"]) == {"ok"}
-    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    # WAL while a sweep writes (a report can read meanwhile); a closed store is one plain file again.
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "delete"
 
 
 def test_invalid_status_is_refused(tmp_path):
@@ -166,3 +167,44 @@ def test_read_side_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert proc.returncode == 0, proc.stderr
+
+
+# --- issue 14 -------------------------------------------------------------------------------------
+
+
+def test_a_second_writer_is_refused_with_the_first_ones_pid(tmp_path):
+    import os
+
+    from suite.store import StoreLock, StoreLocked
+
+    db = tmp_path / "out" / "results.sqlite"
+    with StoreLock(db):
+        with pytest.raises(StoreLocked, match=f"PID {os.getpid()}.*another --out"):
+            StoreLock(db)
+    StoreLock(db).release()  # released: the next sweep takes it
+
+
+def test_a_damaged_store_is_a_message_not_a_traceback(tmp_path):
+    from suite.errors import SuiteError
+    from factories import make_record, write_store
+
+    path = write_store(tmp_path / "results.sqlite", [make_record(seed=i) for i in range(200)])
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[3 * page:8 * page] = b"\xff" * (5 * page)  # trash table pages, keep the header
+    path.write_bytes(bytes(data))
+    with pytest.raises(SuiteError, match="results.sqlite is damaged and cannot be read|is not a results store"):
+        load_results(path)
+
+
+def test_reading_a_read_only_store_leaves_no_wal_or_shm_files(tmp_path):
+    import os
+
+    from factories import make_record, write_store
+
+    folder = tmp_path / "ro"
+    path = write_store(folder / "results.sqlite", [make_record()])
+    os.chmod(path, 0o444)
+    before = sorted(p.name for p in folder.iterdir())
+    assert len(load_results(path)) == 1
+    assert sorted(p.name for p in folder.iterdir()) == before == ["results.sqlite"]

@@ -152,3 +152,106 @@ def test_open_clip_checkpoint_without_a_timm_trunk_is_rejected(tmp_path):
     path = _save({"visual.conv1.weight": torch.ones(4, 3, 3, 3)}, tmp_path / "vit_clip.pt")  # open_clip's own ViT
     with pytest.raises(WeightsError, match="no visual.trunk"):
         TimmTower("test_resnet", EMBED, image_size=64, pretrained=path)
+
+
+# --------------------------------------------------------------------------- real weights, offline (issue 13)
+
+_HUB_SCRIPT = """
+import json, sys, torch
+from safetensors.torch import load_file
+from suite.tower import TimmTower
+tower = TimmTower("test_resnet", 32, image_size=64, pretrained=True)
+ref = load_file(sys.argv[1])
+own = tower.trunk.state_dict()
+same = [k for k in own if k in ref and torch.equal(own[k], ref[k])]
+print(json.dumps({"same": len(same), "own": len(own), "ref": len(ref)}))
+"""
+
+
+def test_pretrained_true_loads_from_an_offline_hub_cache(tmp_path):
+    """timm's hub loader, no network: a Hugging Face cache laid out under HF_HOME, HF_HUB_OFFLINE=1.
+
+    timm resolves `test_resnet` to its default tag's `hf_hub_id` (timm/test_resnet.r160_in1k) and
+    asks huggingface_hub for model.safetensors, which the offline cache answers from refs/main ->
+    snapshots/<rev>/. Runs in a subprocess: huggingface_hub reads HF_HOME and HF_HUB_OFFLINE at import.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    cfg = timm.models.get_pretrained_cfg("test_resnet")
+    assert cfg.hf_hub_id == "timm/test_resnet.r160_in1k"
+    torch.manual_seed(123)
+    state = {k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--timm--test_resnet.r160_in1k"
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    save_file(state, str(snap / "model.safetensors"))
+    (snap / "config.json").write_text(json.dumps({"architecture": "test_resnet", "num_classes": 1000}))
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None), env.pop("HUGGINGFACE_HUB_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", _HUB_SCRIPT, str(snap / "model.safetensors")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    # Every trunk tensor equals the file's (the 1000-class classifier is replaced by the projection).
+    assert counts["same"] == counts["own"] > 10 and counts["ref"] > counts["own"]
+
+
+def test_open_clip_checkpoint_probed_on_projected_features(tmp_path):
+    """An open_clip checkpoint (visual.trunk.*, visual.head.*): probe_features=projected reads the
+    checkpoint's head, pooled reads the trunk alone."""
+    from suite.features import probed_module
+    from suite.options import Trial
+
+    torch.manual_seed(7)
+    source = TimmTower("test_convnext", EMBED, image_size=64, pool="avg", proj="linear").eval()
+    clip_state = {f"visual.{k}": v for k, v in source.state_dict().items()}
+    clip_state["logit_scale"] = torch.ones([])
+    assert any(k.startswith("visual.head.proj") for k in clip_state)
+    path = tmp_path / "open_clip_model.safetensors"
+    _save(clip_state, path)
+    trial = Trial(model="test_convnext", embed_dim=EMBED, image_size=64, pool="avg", proj="linear",
+                  pretrained=str(path), probe_features="projected")
+    torch.manual_seed(99)  # another seed: only the checkpoint can make the weights agree
+    tower = TimmTower("test_convnext", EMBED, image_size=64, pool="avg", proj="linear", pretrained=str(path)).eval()
+    x = _images(64)
+    with torch.no_grad():
+        projected = probed_module(tower, trial)(x)
+        pooled = probed_module(tower, Trial(**{**trial.as_dict(), "probe_features": "pooled"}))(x)
+        assert projected.shape == (2, EMBED) and torch.allclose(projected, source(x), atol=1e-6)
+        assert torch.allclose(pooled, source.trunk(x), atol=1e-6)
+        assert torch.allclose(source.head(pooled), projected, atol=1e-6)
+
+
+def test_a_text_file_checkpoint_is_named_not_an_index_error(tmp_path):
+    # issue 14.12: torch.load of a text file raised "IndexError: pop from empty list".
+    lfs = tmp_path / "model.pth"
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(WeightsError, match=r"model.pth is a text file, not a checkpoint \(a Git LFS pointer"):
+        TimmTower("test_resnet", EMBED, image_size=64, pretrained=str(lfs))
+    notes = tmp_path / "notes.pt"
+    notes.write_text("hello\n")
+    with pytest.raises(WeightsError, match="notes.pt is a text file.*'hello'"):
+        read_state_dict(notes)
+
+
+def test_a_vit_checkpoint_at_another_resolution_is_resampled_and_noted(tmp_path):
+    # issue 14.12: a ViT checkpoint saved at 160 px did not load into a 96-px tower (pos_embed 101 vs 37 tokens).
+    from timm.layers import resample_abs_pos_embed
+
+    source = timm.create_model("test_vit")  # 160 px: 10x10 patches + 1 class token
+    path = _save(source.state_dict(), tmp_path / "vit160.pth")
+    tower = TimmTower("test_vit", EMBED, image_size=96, pool="token", pretrained=path)
+    assert tower.trunk.pos_embed.shape[1] == 37  # 6x6 + 1
+    expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=[6, 6], num_prefix_tokens=1)
+    assert torch.allclose(tower.trunk.pos_embed, expected)
+    assert torch.equal(tower.trunk.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert tower.weights_notes == ["pos_embed resampled from a 10x10 to a 6x6 patch grid (bicubic, as timm does "
+                                   "for pretrained weights at another image size)"]
