@@ -73,6 +73,8 @@ def operator_table(averages, device_time: bool, top: int, title: str) -> str:
     self_attr, total_attr = ("self_device_time_total", "device_time_total") if device_time else (
         "self_cpu_time_total", "cpu_time_total")
     events = list(averages)
+    if device_time and events and not hasattr(events[0], self_attr):  # torch < 2.4 names it "cuda"
+        self_attr, total_attr = "self_cuda_time_total", "cuda_time_total"
     total = sum(getattr(e, self_attr) for e in events) or 1.0
     rows = sorted(events, key=lambda e: getattr(e, self_attr), reverse=True)[:top]
     lines = [f"**Top operators by self {'CUDA' if device_time else 'CPU'} time** ({title})", "",

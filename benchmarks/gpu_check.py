@@ -1,0 +1,148 @@
+"""GPU proof: one command that checks every GPU path of the suite on a real card.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_check.py --out DIR
+
+Prints PASS / FAIL / SKIP per check with its figure and elapsed time, writes DIR/gpu_check.json
+(every figure) and DIR/gpu_check.md (the summary), runs the sweep experiments/gpu-check.yaml and
+writes its report to DIR/reports/gpu-<card>.md (with plots), and exits 1 when a check FAILs.
+Sized for under 8 minutes on one H100. Without CUDA the GPU checks are SKIPped (the script says
+so) and what can run on a CPU still runs; the exit code is then 0 unless a CPU part fails.
+
+Needs only torch (>= 2.1), timm, pandas, rich, scikit-learn and pytest: no network (random init
+everywhere), no open_clip, ray or torch-tb-profiler (the tests that need them skip).
+
+Order: the timed checks run first on a quiet machine; then the test suite starts in the
+background (sharded pytest processes) while the untimed checks run; then its result, then the sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (str(ROOT), str(ROOT / "benchmarks")):  # `suite` from the source tree, the `gpu_checks` helpers
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from gpu_checks import basics, memory, project, stages, timing  # noqa: E402
+from gpu_checks.core import Check, Context, run_check  # noqa: E402
+from gpu_checks.summary import line, write_json, write_markdown  # noqa: E402
+
+CHECKS = (
+    Check("env", "device name, driver, CUDA, cuDNN, torch and timm all recorded", basics.check_env, 30, needs_cuda=False),
+    Check("roofline", "bf16 matmul peak in the card's band; fp32 strict < 0.5x TF32; cached per device",
+          basics.check_roofline, 60),
+    Check("fidelity", "measure() within ±3% of a hand-written CUDA-event loop (vit_base bf16 b128, infer+train)",
+          timing.check_fidelity, 90),
+    Check("timm", "within ±3% of a timm benchmark.py-style loop (resnet50, vit_base; bf16 b256; infer, train)",
+          timing.check_timm_side_by_side, 120),
+    Check("mfu", "MFU of vit_base_patch16_224 bf16 inference at batch 256 in 0.2-0.95", timing.check_mfu, 45),
+    Check("cold_warm", "the same trial cold (fresh process) and warm (after other trials) within 2%",
+          timing.check_cold_warm, 90),
+    Check("memory", "train peak > infer peak > weights; runs agree within 1%; no leak; checkpointing lowers peak",
+          memory.check_memory, 90, stage="untimed"),
+    Check("strict_fp32", "under strict fp32 a matmul and a conv match float64 to 1e-5", basics.check_strict_fp32, 30,
+          stage="untimed"),
+    Check("flops", "vit_base FLOPs on CUDA/bf16 = meta count ±0.1% for flash, efficient, cuDNN SDPA; bf16 seen",
+          basics.check_flops, 60, stage="untimed"),
+    Check("oom", "with 20% of the card auto batch size ends ok at a smaller batch (resnet50 train, vit_base infer)",
+          memory.check_oom, 150, stage="untimed"),
+    Check("compile", "3 compiled trials in one process each compile; compile time apart; compiled == eager",
+          stages.check_compile, 150, stage="untimed"),
+    Check("fp16_scaler", "fp16 training: no optimizer step skipped while timing", stages.check_fp16, 45, stage="untimed"),
+    Check("probe", "GPU digits probe within 1 point of CPU; two GPU fits identical", stages.check_probe, 60,
+          stage="untimed"),
+    Check("profiler", "CUDA trace with kernels and non-zero CUDA time in the top-operator table",
+          stages.check_profiler, 45, stage="untimed"),
+    Check("cpu_context", "a CPU trial on this machine creates no CUDA context", stages.check_cpu_context, 60,
+          needs_cuda=False, stage="untimed"),
+    Check("pytest", "`pytest -m gpu` passes and so do the CPU-assuming tests", project.check_tests, project.TESTS_CAP_S,
+          needs_cuda=False, stage="final"),
+    Check("sweep", "experiments/gpu-check.yaml: every trial ok; report written", project.check_sweep, 180,
+          needs_cuda=False, stage="final"),
+)
+STAGES = ("timed", "untimed", "final")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="folder for gpu_check.json, gpu_check.md, reports/")
+    parser.add_argument("--only", default="", help="comma-separated check names to run (default: all)")
+    parser.add_argument("--skip", default="", help="comma-separated check names not to run")
+    parser.add_argument("--budget-s", type=float, default=460, help="overall time budget; checks past it SKIP")
+    parser.add_argument("--experiment", type=Path, default=ROOT / "experiments" / "gpu-check.yaml",
+                        help="the sweep the `sweep` check runs")
+    parser.add_argument("--list", action="store_true", help="list the checks and exit")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-args", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    names = {c.name for c in CHECKS}
+    for option in ("only", "skip"):
+        unknown = sorted(set(filter(None, getattr(args, option).split(","))) - names)
+        if unknown:
+            parser.error(f"--{option}: unknown check(s) {unknown}; known: {', '.join(c.name for c in CHECKS)}")
+    return args
+
+
+def selected(args) -> list[Check]:
+    only = set(filter(None, args.only.split(",")))
+    skip = set(filter(None, args.skip.split(",")))
+    return [c for c in CHECKS if (not only or c.name in only) and c.name not in skip]
+
+
+def run_all(ctx: Context, checks: list[Check]) -> list[dict]:
+    rows = []
+    for stage in STAGES:
+        if stage == "untimed" and ctx.cuda and any(c.name == "pytest" for c in checks):
+            project.start_tests(ctx)
+            print(f"[{0:6.1f}s | {ctx.elapsed():6.1f}s] ....  pytest           started in the background")
+        for check in (c for c in checks if c.stage == stage):
+            result, elapsed, cap = run_check(ctx, check)
+            print(line(check.name, result.status, result.figure, elapsed, ctx.elapsed()), flush=True)
+            rows.append({"name": check.name, "criterion": check.criterion, "status": result.status,
+                         "figure": result.figure, "figures": result.figures, "notes": result.notes,
+                         "error": result.error, "elapsed_s": elapsed, "cap_s": cap})
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for c in CHECKS:
+            print(f"{c.name:12s} cap {c.cap_s:4.0f} s  {'GPU' if c.needs_cuda else 'any'}  {c.criterion}")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        from gpu_checks.children import CASES
+
+        print(json.dumps(CASES[args.child](**json.loads(args.child_args))))
+        return 0
+    import torch
+
+    ctx = Context(out=args.out, cuda=torch.cuda.is_available(), budget_s=args.budget_s, experiment=args.experiment)
+    if ctx.cuda:
+        ctx.card = torch.cuda.get_device_name()
+    checks = selected(args)
+    ctx.selected = tuple(c.name for c in checks)
+    started_at = time.time()
+    print(f"gpu_check: {'CUDA: ' + torch.cuda.get_device_name() if ctx.cuda else 'no CUDA here: GPU checks SKIP'}"
+          f" · torch {torch.__version__} · budget {args.budget_s:.0f} s · out {args.out}", flush=True)
+    rows = run_all(ctx, checks)
+    counts = Counter(r["status"] for r in rows)
+    env = next((r["figures"].get("env") for r in rows if r["name"] == "env"), None)
+    header = {"card": ctx.card if ctx.cuda else "no CUDA (CPU only)", "verdict": "FAIL" if counts["FAIL"] else "PASS",
+              "counts": ", ".join(f"{counts[s]} {s}" for s in ("PASS", "FAIL", "SKIP")), "wall_s": ctx.elapsed(),
+              "budget_s": args.budget_s, "started_at": started_at, "finished_at": time.time(), "env": env,
+              "argv": sys.argv[1:]}
+    write_json(args.out / "gpu_check.json", header, rows)
+    write_markdown(args.out / "gpu_check.md", header, rows)
+    print(f"{header['verdict']}: {header['counts']} in {ctx.elapsed():.0f} s -> {args.out / 'gpu_check.md'}")
+    return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""What runs in a fresh Python process (`gpu_check.py --child NAME --child-args JSON`).
+
+Each case returns a JSON-able dict; the script prints it as the last line of stdout.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from gpu_checks.memory import oom_child
+from gpu_checks.stages import cpu_trial_child
+
+
+def measure_child(trial: dict, cache_dir: str) -> dict:
+    """A trial measured as the first measurement of this process (the cold case)."""
+    from suite.measure import measure
+    from suite.options import Trial
+
+    return dataclasses.asdict(measure(Trial(**trial), cache_dir=cache_dir))
+
+
+CASES = {"measure": measure_child, "oom": oom_child, "cpu_trial": cpu_trial_child}

@@ -1,0 +1,263 @@
+"""What every check shares: its record, the run context, time caps, child processes, helpers.
+
+A check is a function `fn(ctx) -> Result`. It never needs to catch its own failures: the runner
+(`run_check`) turns an exception into a FAIL with the one-line reason and the traceback, and a
+check that runs past its cap into a FAIL naming the cap.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+STATUSES = ("PASS", "FAIL", "SKIP")
+
+
+@dataclass
+class Result:
+    """The outcome of one check: a status, its headline figure, every figure, and notes."""
+
+    status: str
+    figure: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None  # the traceback of a check that raised
+
+
+def verdict(ok: bool, figure: str, figures: dict[str, Any], notes: list[str] | None = None) -> Result:
+    """PASS when `ok`, else FAIL, with the same figure either way."""
+    return Result("PASS" if ok else "FAIL", figure, figures, list(notes or []))
+
+
+def skipped(reason: str, figures: dict[str, Any] | None = None, notes: list[str] | None = None) -> Result:
+    return Result("SKIP", reason, dict(figures or {}), list(notes or []))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One entry of the registry.
+
+    Attributes:
+        name: short id (`--only NAME`).
+        criterion: the pass criterion, in words, as the issue states it.
+        fn: the check.
+        cap_s: the longest it may run; past it the check FAILs.
+        needs_cuda: without CUDA the check is a SKIP and `fn` is not called.
+        stage: `timed` checks run first on a quiet machine; the test suite starts in the background
+            before the `untimed` ones; `final` ones run last (the test suite's result, the sweep).
+    """
+
+    name: str
+    criterion: str
+    fn: Callable[["Context"], Result]
+    cap_s: float
+    needs_cuda: bool = True
+    stage: str = "timed"
+
+
+@dataclass
+class Context:
+    """The state of one run of the script."""
+
+    out: Path
+    cuda: bool
+    budget_s: float
+    experiment: Path
+    started: float = field(default_factory=time.perf_counter)
+    memo: dict = field(default_factory=dict)  # measured results shared between checks
+    card: str = "cpu"
+    selected: tuple[str, ...] = ()  # the names of the checks this run runs
+    background: dict = field(default_factory=dict)  # name -> background job (the test suite)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Roofline and feature caches of this run (kept under --out, so they come back too)."""
+        return self.out / "cache"
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def remaining(self) -> float:
+        return self.budget_s - self.elapsed()
+
+
+class CheckTimeout(BaseException):
+    """A check ran past its cap. BaseException: the suite's `except Exception` must not record it."""
+
+
+@contextmanager
+def time_cap(seconds: float, exc: type[BaseException] = CheckTimeout) -> Iterator[None]:
+    """Raise `exc` in this (main) thread after `seconds` (between Python bytecodes).
+
+    One timer per process: a nested cap replaces the outer one (give it the shorter time).
+    """
+    def _raise(signum, frame):
+        raise exc(f"ran past its cap of {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def release() -> None:
+    """Free what a check left (garbage, the CUDA cache) without creating a CUDA context."""
+    from suite.execute import release_memory
+
+    release_memory()
+
+
+def run_check(ctx: Context, check: Check) -> tuple[Result, float, float]:
+    """Run one check under its cap; return (result, elapsed seconds, the cap it ran under)."""
+    cap = min(check.cap_s, ctx.remaining())
+    t0 = time.perf_counter()
+    if check.needs_cuda and not ctx.cuda:
+        return skipped("no CUDA: GPU check not run"), 0.0, cap
+    if cap < 5:
+        return skipped(f"out of the overall budget ({ctx.budget_s:.0f} s)"), 0.0, cap
+    try:
+        with time_cap(cap):
+            result = check.fn(ctx)
+    except (Exception, CheckTimeout) as exc:  # noqa: BLE001 - a failing check is a record
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        result = Result("FAIL", f"{type(exc).__name__}: {text}"[:300], error=traceback.format_exc()[-4000:])
+    try:
+        release()
+    except Exception as exc:  # noqa: BLE001 - e.g. a sticky CUDA error: every later check will say so
+        result.notes.append(f"cleanup after the check failed: {exc}")
+    return result, time.perf_counter() - t0, cap
+
+
+# --- child processes ----------------------------------------------------------------------------
+
+def child_env() -> dict[str, str]:
+    """This environment with the project root on PYTHONPATH (children import `suite` from source)."""
+    env = dict(os.environ)
+    paths = [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_child(ctx: Context, case: str, args: dict, timeout_s: float) -> dict:
+    """Run `children.CASES[case](**args)` in a fresh Python process; return its JSON result.
+
+    Raises:
+        RuntimeError: the child failed (its stderr's tail is in the message) or ran past `timeout_s`.
+    """
+    cmd = [sys.executable, str(SCRIPT), "--child", case, "--child-args", json.dumps(args), "--out", str(ctx.out)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=child_env(), cwd=ROOT)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"child {case!r} ran past {timeout_s:.0f} s") from exc
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"child {case!r} exited {done.returncode}: {done.stderr.strip()[-1500:]}")
+    return json.loads(lines[-1])
+
+
+# --- small numeric and torch helpers ----------------------------------------------------------
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b in (None, 0) else a / b
+
+
+def within(r: float | None, tolerance: float) -> bool:
+    """Whether a ratio is within `tolerance` of 1 (None never is)."""
+    return r is not None and abs(r - 1) <= tolerance
+
+
+def rounded(value: Any, digits: int = 4) -> Any:
+    """Floats rounded for the JSON and the tables (recursively); everything else as is."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+def trial(**kw):
+    """A `suite.options.Trial` on CUDA with random init (no network on the GPU machine)."""
+    from suite.options import Trial
+
+    kw.setdefault("device", "cuda")
+    kw.setdefault("pretrained", False)
+    return Trial(**kw)
+
+
+def _tf32_switches() -> list[tuple[object, str, object]]:
+    """(object, attribute, value that allows TF32) for matmuls and convolutions, in the API
+    `suite.device.strict_fp32` uses: torch's `fp32_precision` where it exists, else `allow_tf32`."""
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        return [(matmul, "fp32_precision", "tf32"), (cudnn.conv, "fp32_precision", "tf32")]
+    return [(matmul, "allow_tf32", True), (cudnn, "allow_tf32", True)]
+
+
+@contextmanager
+def tf32_on() -> Iterator[None]:
+    """TF32 matmuls and convolutions allowed inside the block; the previous settings restored after."""
+    switches = _tf32_switches()
+    saved = [getattr(obj, name) for obj, name, _ in switches]
+    for obj, name, value in switches:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for (obj, name, _), value in zip(switches, saved):
+            setattr(obj, name, value)
+
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+
+
+def sdpa_backend(name: str):
+    """A context that forces one SDPA backend, or None where this torch does not have it.
+
+    `torch.nn.attention.sdpa_kernel` (torch >= 2.3), else `torch.backends.cuda.sdp_kernel` (2.0-2.2,
+    which has no cuDNN backend).
+    """
+    import torch
+
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        if name == "cudnn":
+            return None
+        return torch.backends.cuda.sdp_kernel(enable_flash=name == "flash", enable_mem_efficient=name == "efficient",
+                                              enable_math=False)
+    backend = getattr(SDPBackend, SDPA_BACKENDS[name], None)
+    return None if backend is None else sdpa_kernel(backend)
+
+
+def gpu_event_rate(step: Callable, x, warmup: int, iters: int) -> float:
+    """Samples/s of `step(x)` timed with one CUDA event pair around `iters` steps (no host sync inside)."""
+    import torch
+
+    for _ in range(warmup):
+        step(x)
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(iters):
+        step(x)
+    end.record()
+    end.synchronize()
+    return x.shape[0] * iters / (begin.elapsed_time(end) / 1e3)

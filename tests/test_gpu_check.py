@@ -1,0 +1,133 @@
+"""benchmarks/gpu_check.py without a GPU: GPU checks SKIP, CPU parts run, JSON + markdown + report written.
+
+The script runs with CUDA hidden (`CUDA_VISIBLE_DEVICES=""`), so this test is the same on a GPU
+machine, and the GPU check's own pytest run does not start the GPU check again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_check  # noqa: E402
+from gpu_checks import basics, memory, project  # noqa: E402
+from gpu_checks.core import Check, CheckTimeout, Context, run_check, time_cap  # noqa: E402
+from gpu_checks.summary import plain  # noqa: E402
+
+TINY_CPU_SWEEP = """\
+name: tiny-cpu
+device: cpu
+measure: {mode: infer, batch_size: 2, warmup: 1, iters: 2}
+grid: {model: [test_resnet], image_size: 32, embed_dim: 16}
+"""
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+
+
+def test_cpu_run_skips_gpu_checks_runs_cpu_parts_and_writes_json_and_markdown(tmp_path):
+    start = time.perf_counter()
+    done = _run("--out", str(tmp_path), "--skip", "pytest,sweep")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert time.perf_counter() - start < 90
+    assert "no CUDA here: GPU checks SKIP" in done.stdout
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    checks = {c["name"]: c for c in result["checks"]}
+    assert set(checks) == {c.name for c in gpu_check.CHECKS} - {"pytest", "sweep"}
+    for name in (c.name for c in gpu_check.CHECKS if c.needs_cuda):
+        assert checks[name]["status"] == "SKIP" and checks[name]["figure"] == "no CUDA: GPU check not run"
+        assert f"SKIP  {name}" in done.stdout
+    # The CPU parts really ran.
+    assert checks["env"]["figures"]["env"]["env_torch"] and checks["env"]["figures"]["packages"]["pandas"]
+    assert checks["cpu_context"]["figures"]["status"] == "ok"
+    assert checks["cpu_context"]["figures"]["cuda_initialized"] is False
+    summary = (tmp_path / "gpu_check.md").read_text()
+    assert "| roofline | **SKIP** |" in summary and "| cpu_context | **SKIP** |" in summary
+    assert result["verdict"] == "PASS" and all(c["elapsed_s"] >= 0 for c in result["checks"])
+
+
+def test_sweep_check_writes_the_report_under_out(tmp_path):
+    exp = tmp_path / "tiny.yaml"
+    exp.write_text(TINY_CPU_SWEEP)
+    done = _run("--out", str(tmp_path / "out"), "--only", "sweep", "--experiment", str(exp))
+    assert done.returncode == 0, done.stdout + done.stderr
+    check = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["checks"][0]
+    assert check["status"] == "PASS" and check["figures"]["statuses"] == {"ok": 1}, check
+    assert check["figures"]["trials"][0]["infer_samples_per_sec"] > 0
+    report = tmp_path / "out" / "reports" / "gpu-cpu.md"
+    assert report.read_text().startswith("# GPU check on cpu")
+    assert "| sweep | **PASS** |" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
+def test_a_failing_check_is_a_record_and_exits_1(tmp_path):
+    done = _run("--out", str(tmp_path), "--only", "sweep", "--experiment", str(tmp_path / "missing.yaml"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    check = json.loads((tmp_path / "gpu_check.json").read_text())["checks"][0]
+    assert check["status"] == "FAIL" and "missing.yaml" in check["figure"] and check["error"]
+    assert "FAIL  sweep" in done.stdout
+
+
+def test_unknown_check_names_are_input_errors(tmp_path):
+    done = _run("--out", str(tmp_path), "--only", "rooflne")
+    assert done.returncode == 2 and "unknown check(s) ['rooflne']" in done.stderr
+    listed = _run("--out", str(tmp_path), "--list")
+    assert listed.returncode == 0 and all(c.name in listed.stdout for c in gpu_check.CHECKS)
+
+
+def test_run_check_turns_exceptions_into_fail_and_gpu_checks_into_skip(tmp_path):
+    ctx = Context(out=tmp_path, cuda=False, budget_s=60, experiment=tmp_path / "x.yaml")
+
+    def boom(ctx):
+        raise ValueError("broken on purpose")
+
+    result, _, _ = run_check(ctx, Check("boom", "never", boom, 30, needs_cuda=False))
+    assert result.status == "FAIL" and result.figure == "ValueError: broken on purpose" and "boom" in result.error
+    result, elapsed, _ = run_check(ctx, Check("gpu", "never", boom, 30))
+    assert result.status == "SKIP" and elapsed == 0.0
+    ctx.budget_s = 0  # nothing left: a check is skipped, not started
+    assert run_check(ctx, Check("late", "never", boom, 30, needs_cuda=False))[0].status == "SKIP"
+
+
+def test_time_cap_interrupts_a_check():
+    with pytest.raises(CheckTimeout, match="cap of 0 s"):
+        with time_cap(0.2):
+            time.sleep(2)
+
+
+def test_junit_parsing_and_shards(tmp_path):
+    xml = tmp_path / "x.xml"
+    xml.write_text('<testsuites><testsuite><testcase classname="tests.test_a" name="test_ok"/>'
+                   '<testcase classname="tests.test_a" name="test_bad"><failure message="assert 1 == 2"/></testcase>'
+                   '<testcase classname="tests.test_b" name="test_s"><skipped message="needs CUDA"/></testcase>'
+                   '</testsuite></testsuites>')
+    got = project._junit(xml)
+    assert (got["tests"], got["failures"], got["errors"], got["skipped"]) == (3, 1, 0, 1)
+    assert got["failed"] == ["tests.test_a::test_bad: assert 1 == 2"] and got["skip_reasons"]["needs CUDA"] == 1
+    files = []
+    for i, size in enumerate([900, 500, 400, 100]):
+        files.append(tmp_path / f"test_{i}.py")
+        files[-1].write_text("#" * size)
+    groups = project._shards(files, 2)
+    assert sorted(sum(f.stat().st_size for f in g) for g in groups) == [900, 1000]
+
+
+def test_helpers():
+    assert basics.card_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3" and basics.card_slug("NVIDIA H200") == "h200"
+    assert basics._spec_bf16("NVIDIA H100 PCIe") == 756 and basics._spec_bf16("NVIDIA H100 80GB HBM3") == 989
+    # The OOM check's start batches must not fit in the memory it leaves (by the rough per-image needs).
+    starts = memory.oom_start_batches(80 * 1024, 0.2)
+    assert starts["resnet50"] * 50 > 2 * 0.2 * 80 * 1024 and starts["vit_base_patch16_224"] * 5 > 2 * 0.2 * 80 * 1024
+    np = pytest.importorskip("numpy")
+    assert plain({"a": np.float64("nan"), "b": np.int64(3), "c": {1, 2}}) == {"a": None, "b": 3, "c": [1, 2]}
