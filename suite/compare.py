@@ -142,9 +142,13 @@ def _compare_pair(out: Comparison, tid: str, label: str, b, c, gates: dict[str, 
     if bs != "ok":
         return
     out.n_compared += 1
+    # Rows stored before `probe_features` existed probed the projected features.
+    features = [get(row, "probe_features") or "projected" for row in (b, c)]
+    if features[0] != features[1] and num(get(b, "probe_top1")) is not None:
+        out.env_mismatch.append(f"{label}: probe features {features[0]} vs {features[1]} (accuracy not compared)")
     for metric in (m for m in GATEABLE if gates.get(m) is not None):
         xb, xc = num(get(b, metric)), num(get(c, metric))
-        if xb is None or xc is None:
+        if xb is None or xc is None or (metric.startswith("probe_") and features[0] != features[1]):
             continue
         noise = _noise(metric, b, c)
         change = Change(tid, label, metric, xb, xc, gates[metric], noise, _judge(metric, xb, xc, gates[metric], noise))

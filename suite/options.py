@@ -22,7 +22,8 @@ PROJS = ("linear", "mlp", "none", "")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 MODES = ("both", "infer", "train")
-DATASETS = ("none", "digits", "imagefolder", "synthetic")
+DATASETS = ("none", "digits", "imagefolder", "synthetic", "textures")
+PROBE_FEATURES = ("pooled", "projected")  # what the probe reads: before or after the projection head
 BACKENDS = ("local", "ray")  # how a sweep runs its trials (the experiment's run.backend)
 
 
@@ -43,6 +44,9 @@ class Option:
         hashed_at_default: False for options added after results were first stored: they enter
             `trial_id` only when set to another value, so stored trials keep their ids (resume and
             `suite compare` against an old baseline still match them).
+        minimum: the smallest valid number (numbers only), with `why` saying what it is for.
+        maximum: the largest valid number (rates), or None.
+        why: why the range is what it is, shown with a value out of range.
     """
 
     name: str
@@ -55,6 +59,9 @@ class Option:
     cli: tuple[str, ...] = ()
     identity: bool = True
     hashed_at_default: bool = True
+    minimum: float = 0
+    maximum: float | None = None
+    why: str = ""
 
     def check(self, value: Any) -> str | None:
         """Return a problem with `value`, or None when it is valid."""
@@ -68,8 +75,18 @@ class Option:
             return f"must be {self.type_name()}, got {type(value).__name__} {value!r}"
         if self.choices is not None and value not in self.choices:
             return f"must be one of {', '.join(repr(c) for c in self.choices)}"
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            return "must not be negative"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return self._range_problem(value)
+        return None
+
+    def _range_problem(self, value: float) -> str | None:
+        why = f" ({self.why})" if self.why else ""
+        if value != value or value in (float("inf"), float("-inf")):
+            return "must be a finite number"
+        if value < self.minimum:
+            return "must not be negative" if self.minimum == 0 else f"must be at least {self.minimum:g}{why}"
+        if self.maximum is not None and value > self.maximum:
+            return f"must be at most {self.maximum:g}{why}"
         return None
 
     def type_name(self) -> str:
@@ -81,14 +98,17 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     # --- the tower (open_clip TimmModel constructor, plus lock and checkpointing) ---
     Option("model", (str,), None, "timm model name, e.g. vit_base_patch16_224", "tower"),
-    Option("embed_dim", (int,), 512, "output embedding width of the projection head", "tower"),
-    Option("image_size", (int,), 224, "input resolution (square)", "tower"),
+    Option("embed_dim", (int,), 512, "output embedding width of the projection head", "tower",
+           minimum=1),
+    Option("image_size", (int,), 224, "input resolution (square)", "tower", minimum=1),
     Option("pool", (str,), "avg", "pooling: avg|max|avgmax|catavgmax|token|map|'' (trunk default)|abs_attn|rot_attn", "tower", POOLS),
     Option("proj", (str,), "linear", "projection: linear|mlp|none (trunk features)|'' (the trunk's own head at embed_dim)", "tower", PROJS),
     Option("proj_bias", (bool,), False, "bias in the projection", "tower"),
-    Option("drop", (float,), 0.0, "dropout before the projection", "tower"),
-    Option("drop_path", (float,), None, "stochastic depth rate (models that accept it)", "tower", nullable=True),
-    Option("patch_drop", (float,), None, "patch dropout rate (ViT-like models)", "tower", nullable=True),
+    Option("drop", (float,), 0.0, "dropout before the projection", "tower", maximum=1, why="a rate"),
+    Option("drop_path", (float,), None, "stochastic depth rate (models that accept it)", "tower", nullable=True,
+           maximum=1, why="a rate"),
+    Option("patch_drop", (float,), None, "patch dropout rate (ViT-like models)", "tower", nullable=True, maximum=1,
+           why="a rate"),
     Option(
         "pretrained", (bool, str), False,
         "weights: false (random init), true (timm hub), a hub tag, or a local checkpoint path", "tower",
@@ -103,7 +123,7 @@ OPTIONS: tuple[Option, ...] = (
     # --- how it is measured ---
     Option("device", (str,), "auto", "cpu|cuda|auto", "measure", DEVICES),
     Option("precision", (str,), "fp32", "fp32|bf16|fp16 (autocast)", "measure", PRECISIONS),
-    Option("batch_size", (int,), 32, "batch size (the upper bound when auto_batch_size)", "measure"),
+    Option("batch_size", (int,), 32, "batch size (the upper bound when auto_batch_size)", "measure", minimum=1),
     Option("auto_batch_size", (bool,), False, "back off from batch_size on OOM to the largest that fits", "measure"),
     Option("channels_last", (bool,), False, "channels_last memory format", "measure"),
     Option("compile", (bool,), False, "torch.compile the tower (compile time reported apart)", "measure"),
@@ -111,16 +131,30 @@ OPTIONS: tuple[Option, ...] = (
            "measure", hashed_at_default=False),
     Option("mode", (str,), "both", "what to measure: infer|train|both", "measure", MODES),
     Option("warmup", (int,), 5, "minimum untimed warm-up steps (warm-up then runs until the step time is steady)", "measure"),
-    Option("iters", (int,), 20, "timed iterations", "measure"),
+    Option("iters", (int,), 20, "timed iterations", "measure", minimum=1,
+           why="at least one step must be timed"),
     Option("noise_threshold", (float,), 0.1, "flag a timing whose IQR/median exceeds this", "measure", identity=False),
+    Option("max_batch", (bool,), False, "also search the largest batch that fits mem_budget_mib (GPU: real OOMs)",
+           "measure", hashed_at_default=False),
+    Option("mem_budget_mib", (float,), None, "memory budget of the capacity figures (null: the device's memory)",
+           "measure", nullable=True, hashed_at_default=False, minimum=1, why="MiB of memory"),
     # --- the linear probe ---
-    Option("dataset", (str,), "none", "probe data: none|digits|imagefolder|synthetic", "probe", DATASETS),
+    Option("dataset", (str,), "none", "probe data: none|digits|imagefolder|synthetic|textures", "probe", DATASETS),
     Option("root", (str,), None, "image folder for dataset=imagefolder", "probe", nullable=True),
-    Option("max_per_class", (int,), None, "cap images per class (quick runs)", "probe", nullable=True),
-    Option("probe_batch_size", (int,), 64, "batch size of feature extraction", "probe", identity=False),
+    Option("max_per_class", (int,), None, "cap images per class (quick runs)", "probe", nullable=True, minimum=3,
+           why="each class needs an image in train, val and test; raise it or use null for no cap"),
+    Option("probe_batch_size", (int,), 64, "batch size of feature extraction", "probe", identity=False,
+           minimum=1),
     Option("knn", (bool,), False, "also report cosine kNN (k=20) accuracy", "probe"),
     Option("seed", (int,), 0, "seed of random-init weights, data splits and the classifier", "probe"),
     Option("skip_bad_images", (bool,), False, "skip unreadable images instead of failing", "probe"),
+    Option("probe_features", (str,), "pooled",
+           "features probed: pooled (the trunk's, before the projection head) or projected (after it)",
+           "probe", PROBE_FEATURES, hashed_at_default=False),
+    Option("shots", (str,), None, "few-shot probes: labeled images per class, e.g. '1,5,10,all' (null: none)",
+           "probe", nullable=True, hashed_at_default=False),
+    Option("shot_seeds", (int,), 3, "seeds (samples of the training split) per few-shot k", "probe",
+           hashed_at_default=False),
 )
 
 OPTION_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -182,6 +216,8 @@ class Trial:
     warmup: int = _default("warmup")
     iters: int = _default("iters")
     noise_threshold: float = _default("noise_threshold")
+    max_batch: bool = _default("max_batch")
+    mem_budget_mib: float | None = _default("mem_budget_mib")
     # the linear probe
     dataset: str = _default("dataset")
     root: str | None = _default("root")
@@ -190,6 +226,9 @@ class Trial:
     knn: bool = _default("knn")
     seed: int = _default("seed")
     skip_bad_images: bool = _default("skip_bad_images")
+    probe_features: str = _default("probe_features")
+    shots: str | None = _default("shots")
+    shot_seeds: int = _default("shot_seeds")
 
     @property
     def trial_id(self) -> str:
@@ -208,7 +247,8 @@ class Trial:
 
 
 # Options a short label leaves out: how long or on what data it is measured, not what is measured.
-_UNLABELED = {"device", "mode", "warmup", "iters", "dataset", "root", "max_per_class", "knn", "seed", "skip_bad_images"}
+_UNLABELED = {"device", "mode", "warmup", "iters", "dataset", "root", "max_per_class", "knn", "seed", "skip_bad_images",
+              "shots", "shot_seeds"}
 
 
 # --- labels: how a trial is named everywhere ----------------------------------------------

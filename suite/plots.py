@@ -9,7 +9,11 @@ from pathlib import Path
 
 from suite.analysis import EFFECT_METRICS, ablation_effects, pareto_front
 from suite.criteria import metric_header, metric_label
+from suite.capacity import PARTS
+from suite.memory_report import breakdown_phase, part_values
 from suite.options import config_value, trial_label
+from suite.probe_report import few_shot_rows, shot_keys
+from suite.ranking import dataset_of
 from suite.rows import get, num, pick_metric, rows_of, varying_axes
 
 MAX_BARS = 60  # above this a bar per configuration is unreadable; the scatter plots still show all
@@ -120,6 +124,52 @@ def _memory_plot(rows: list, mem: str, axes: list[str]):
     return fig
 
 
+def _few_shot_plot(rows: list, axes: list[str]):
+    """Top-1 vs k labeled images per class, one line per trial with a curve (error bars: std); None without any."""
+    curves = few_shot_rows(rows)
+    if not curves:
+        return None
+    keys = shot_keys(curves)
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    for i, r in enumerate(curves):
+        shots = get(r, "probe_shots")
+        ks = [k for k in keys if k in shots]
+        xs = [keys.index(k) for k in ks]
+        ax.errorbar(xs, [shots[k]["mean"] for k in ks], yerr=[shots[k]["std"] for k in ks], marker="o",
+                    capsize=3, color=f"C{i % 10}", label=f"{trial_label(r, axes)} ({dataset_of(r)})")
+    ax.set_xticks(range(len(keys)), [f"k={k}" for k in keys])
+    ax.set_xlabel("labeled training images per class")
+    ax.set_ylabel("linear probe top-1 (%)")
+    ax.set_title("Few-shot probe accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def _breakdown_plot(rows: list, axes: list[str]):
+    """Stacked bars: weights, gradients, optimizer state, activations at each trial's peak; None without any."""
+    bars = [(r, breakdown_phase(r)) for r in rows if breakdown_phase(r) is not None]
+    if not bars:
+        return None
+    bars.sort(key=lambda rp: (sum(x or 0.0 for x in part_values(*rp)), str(get(rp[0], "trial_id"))))
+    bars = bars[-MAX_BARS:]  # the largest, when there are too many to read
+    fig = _figure(7.5, 1.2 + 0.22 * len(bars))
+    ax = fig.add_subplot()
+    left = [0.0] * len(bars)
+    for j, part in enumerate(PARTS):
+        widths = [part_values(r, phase)[j] or 0.0 for r, phase in bars]
+        ax.barh(range(len(bars)), widths, left=left, color=f"C{j}", label=part)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(bars)), [f"{trial_label(r, axes)} ({phase})" for r, phase in bars], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("memory at the peak (MiB)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Where peak memory goes")
+    return fig
+
+
 def write_plots(df, out_dir: str | Path, stem: str) -> dict[str, str]:
     """Draw the report's plots as PNG files in `out_dir`, named `{stem}-*.png`.
 
@@ -143,8 +193,14 @@ def write_plots(df, out_dir: str | Path, stem: str) -> dict[str, str]:
         fig = _front_plot(rows, speed, mem, False, axes, "Peak memory vs throughput")
         plots["Peak memory vs throughput"] = _save(fig, out_dir, f"{stem}-memory-vs-throughput.png")
         plots["Peak memory per configuration"] = _save(_memory_plot(rows, mem, axes), out_dir, f"{stem}-memory.png")
+        fig = _breakdown_plot(rows, axes)
+        if fig is not None:
+            plots["Where peak memory goes"] = _save(fig, out_dir, f"{stem}-memory-breakdown.png")
     fig = _effects_plot(df, axes)
     if fig is not None:
         fig.get_axes()[0].set_title("Per-axis effects (ablations)")
         plots["Per-axis effects"] = _save(fig, out_dir, f"{stem}-effects.png")
+    fig = _few_shot_plot(rows, axes)
+    if fig is not None:
+        plots["Few-shot probe accuracy"] = _save(fig, out_dir, f"{stem}-few-shot.png")
     return plots

@@ -65,6 +65,32 @@ class MeasureResult:
     compile_graphs: int | None = None  # graphs dynamo compiled for this trial (0 would mean eager: an error)
     compile_graph_breaks: int | None = None
     measured_time_s: float | None = None  # wall time of the timed + warm-up work, for overhead accounting
+    # memory breakdown at the peak of the memory pass (issue 11), MiB; the parts add up to the phase's
+    # peak_mem_mib (CPU: exactly; CUDA: to within what the allocator adds, see suite.memory).
+    # activations = the rest: saved activations, the input batch, temporaries. None: not watched.
+    infer_weights_mib: float | None = None
+    infer_activations_mib: float | None = None
+    train_weights_mib: float | None = None
+    train_grads_mib: float | None = None
+    train_optimizer_mib: float | None = None
+    train_activations_mib: float | None = None
+    # capacity: peak_mem_mib = fixed_mem_mib + mem_per_sample_mib * batch, from memory passes at two
+    # batch sizes; max_batch = the largest batch predicted under capacity_budget_mib (suite.capacity)
+    capacity_budget_mib: float | None = None  # mem_budget_mib, else the device's memory
+    infer_fixed_mem_mib: float | None = None
+    infer_mem_per_sample_mib: float | None = None
+    infer_max_batch: int | None = None
+    infer_max_batch_measured: int | None = None  # max_batch: true (GPU: real OOMs; CPU: live-tensor peak)
+    infer_max_batch_error: float | None = None  # predicted / measured - 1
+    train_fixed_mem_mib: float | None = None
+    train_mem_per_sample_mib: float | None = None
+    train_max_batch: int | None = None
+    train_max_batch_measured: int | None = None
+    train_max_batch_error: float | None = None
+    # checks that the settings took effect (suite.footprint)
+    lock_ok: bool | None = None  # trainable parameters = head + the last unlocked_groups groups
+    train_state_ok: bool | None = None  # gradients and optimizer state only for trainable parameters
+    check_reason: str | None = None  # why a check failed ("" when all passed)
 
 
 @dataclass(frozen=True)
@@ -86,6 +112,15 @@ class ProbeResult:
     probe_cache_hit: bool | None = None
     probe_skipped_images: int | None = None
     probe_time_s: float | None = None
+    # uncertainty and what was probed (issue 13)
+    probe_features: str | None = None  # 'pooled' (before the projection head) or 'projected'
+    probe_top1_lo: float | None = None  # percent, 95% Wilson interval of probe_top1
+    probe_top1_hi: float | None = None
+    probe_balanced_accuracy_lo: float | None = None  # percent, 95% interval (per-class normal approx.)
+    probe_balanced_accuracy_hi: float | None = None
+    probe_test_set: str | None = None  # hash of the test images and labels: paired tests need equal ones
+    probe_test_correct: str | None = None  # hex bits, correct per test image in test order (suite.stats)
+    probe_shots: dict | None = None  # few-shot: {"k": {"mean", "std", "min", "max", "top1": [per seed], "seeds"}}
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,15 @@ from suite.criteria import format_metric, metric_header, parse_select
 from suite.errors import SuiteError
 from suite.options import SHORT, config_value, trial_label
 from suite.plots import write_plots
+from suite.memory_report import breakdown_phase, memory_section, part_values
+from suite.probe_report import acc_cell, probe_section
 from suite.records import STATUSES
 from suite.rows import (
-    _row_key, _sort_key, delta_points, fold, get, num, pct, pick_metric, plain, plural, rate_with_spread, ratio,
+    _row_key, _sort_key, delta_points, fold, get, mib, num, pct, pick_metric, plain, plural, rate_with_spread, ratio,
     rows_of, sig, table, varying_axes,
 )
 from suite.select import apply_select
-from suite.store import load_meta, load_results, resolve_path
+from suite.store import load_meta, load_results, output_file, resolve_path, write_text
 
 # --- sections --------------------------------------------------------------------------------
 
@@ -145,11 +147,13 @@ def _recommendation(rows: list, df, meta: dict, axes: list[str]) -> list[str]:
     else:
         best = result.best
         out += ["", f"**Recommended: `{trial_label(best, axes)}`** (trial `{get(best, 'trial_id')}`): {_brief(best)}."]
+        out += [f"{result.tie_note}."] if result.tie_note else []
+        out += [f"Ranked on the {result.dataset} probe; see *Probe* for every data set."] if result.dataset else []
         shown = result.ranked[: select.top]
         context = [m for m in ("probe_top1", "train_samples_per_sec", "train_peak_mem_mib")
                    if pick_metric(df, m)]
         metrics = list(dict.fromkeys([select.metric] + [c.metric for c in select.constraints] + context))
-        body = [[i + 1, f"`{trial_label(r, axes)}`"] + [format_metric(m, num(get(r, m))) for m in metrics]
+        body = [[i + 1, f"`{trial_label(r, axes)}`"] + [acc_cell(r, m) for m in metrics]
                 for i, r in enumerate(shown)]
         out += ["", table(["rank", "trial"] + metrics, body, "rl" + "r" * len(metrics))]
         if len(result.ranked) > len(shown):
@@ -233,11 +237,17 @@ def _failures_section(rows: list, axes: list[str]) -> list[str]:
     return [table(["status", "reason", "n", "trials"], body, "llrl")]
 
 
+def _parts_cell(row) -> str:
+    """Weights / grads / optimizer / activations at the peak of the train phase (else inference)."""
+    phase = breakdown_phase(row)
+    return "—" if phase is None else f"{phase}: " + " / ".join(mib(x) for x in part_values(row, phase))
+
+
 def _full_table(rows: list, axes: list[str], multi_env: bool) -> str:
     mems = ("train_peak_mem_mib", "infer_peak_mem_mib")
     heads = ["#", "model"] + [SHORT.get(a, a) for a in axes] + (["device"] if multi_env else []) + ["status"] + [
         metric_header(m) for m in ("train_samples_per_sec", "infer_samples_per_sec") + mems] + [
-        "GFLOPs/img (fwd)", "MFU train/infer (%)", metric_header("probe_top1")]
+        "GFLOPs/img (fwd)", "MFU train/infer (%)", metric_header("probe_top1"), "mem at peak W / G / O / A (MiB)"]
     body = []
     for i, r in enumerate(rows, 1):
         mfu = [num(get(r, "train_mfu")), num(get(r, "infer_mfu"))]
@@ -247,7 +257,7 @@ def _full_table(rows: list, axes: list[str], multi_env: bool) -> str:
             + [get(r, "status"), rate_with_spread(r, "train"), rate_with_spread(r, "infer"),
                *(format_metric(m, num(get(r, m))) for m in mems), sig(num(get(r, "infer_gflops"))),
                "—" if mfu == [None, None] else " / ".join(pct(m, 100) for m in mfu),
-               format_metric("probe_top1", num(get(r, "probe_top1")))]
+               acc_cell(r), _parts_cell(r)]
         )
     n_fixed = 2 + len(axes) + (1 if multi_env else 0) + 1
     return table(heads, body, "r" + "l" * (n_fixed - 1) + "r" * (len(heads) - n_fixed))
@@ -288,6 +298,10 @@ def render(df, meta: dict | None = None, *, plots: dict[str, str] | None = None)
         out += [f"## Recommendation{suffix}", ""] + _recommendation(sub_rows, sub_df, meta, axes) + [""]
         out += [f"## Pareto fronts{suffix}", ""] + _pareto_section(sub_rows, sub_df, axes) + [""]
         out += [f"## Ablations{suffix}", ""] + _ablation_section(sub_df, axes) + [""]
+    probe = probe_section(rows, axes)
+    out += (["## Probe", ""] + probe + [""]) if probe else []
+    memory = memory_section(rows, axes)
+    out += (["## Memory", ""] + memory + [""]) if memory else []
     if plots:
         out += ["## Plots", ""]
         for name, path in plots.items():
@@ -306,7 +320,7 @@ def write_report(db_path: str | Path, out_path: str | Path | None = None, *, tit
 
     Args:
         db_path: results.sqlite, or the folder that holds it.
-        out_path: the markdown file (default: report.md beside the database).
+        out_path: the markdown file, or a folder for report.md in it (default: report.md beside the database).
         title: overrides the experiment name in the heading.
 
     Returns:
@@ -316,8 +330,12 @@ def write_report(db_path: str | Path, out_path: str | Path | None = None, *, tit
     df, meta = load_results(db), load_meta(db)
     if title:
         meta["title"] = title
-    out = Path(out_path) if out_path else db.parent / "report.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(df, out.parent, out.stem) if len(df) else {}
-    out.write_text(render(df, meta, plots=plots))
+    out = output_file(out_path, "report.md") if out_path else db.parent / "report.md"
+    write_text(out, "\n")  # the report's own path is checked first, before plots are written beside it
+    try:
+        plots = write_plots(df, out.parent, out.stem) if len(df) else {}
+    except OSError as e:
+        raise SuiteError(f"cannot write the report's plots beside {out} ({e.filename or out.parent}: "
+                         f"{e.strerror or e}); give -o a file in a writable folder") from None
+    write_text(out, render(df, meta, plots=plots))
     return out

@@ -111,3 +111,16 @@ def test_compare_paths_uses_the_experiment_compare_block(tmp_path):
     assert compare_paths(base, cur2).exit_code == 0
     # The command line wins over the experiment file.
     assert compare_paths(base, cur2, parse_thresholds(["train_samples_per_sec=-5%"])).exit_code == 1
+
+
+def test_accuracy_is_not_compared_across_probed_feature_kinds(tmp_path):
+    """A baseline stored before `probe_features` probed projected features: not comparable with pooled."""
+    from factories import make_record, write_store
+
+    from suite.compare import compare_paths
+
+    a = write_store(tmp_path / "a" / "results.sqlite", [make_record(probe_top1=90.0)])
+    b = write_store(tmp_path / "b" / "results.sqlite", [make_record(probe_top1=50.0, probe_features="pooled")])
+    result = compare_paths(a, b)
+    assert not any(ch.metric == "probe_top1" for ch in result.changes)
+    assert "probe features projected vs pooled" in result.env_mismatch[0]

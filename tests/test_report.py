@@ -160,3 +160,54 @@ def test_unpaired_ablations_show_no_numbers():
     out = render(frame(recs), {})
     assert "| pool | avg → token | 0 | — | — | — | — | — |" in out
     assert "| grad_checkpointing | off → on | 0 | — | — | — | — | — |" in out
+
+
+# --- memory: breakdown, fits-on, checks, checkpointing (issue 11) --------------------------------
+
+def memory_records():
+    line = dict(train_fixed_mem_mib=1024.0, train_mem_per_sample_mib=100.0, train_max_batch=779,
+                capacity_budget_mib=80 * 1024.0, lock_ok=True, train_state_ok=True, check_reason="")
+    parts = dict(train_weights_mib=100.0, train_grads_mib=100.0, train_optimizer_mib=200.0)
+    return [
+        make_record("test_vit", train_peak_mem_mib=1000.0, train_activations_mib=600.0, **parts, **line),
+        make_record("test_vit", grad_checkpointing=True, train_peak_mem_mib=600.0, train_activations_mib=200.0,
+                    **parts, **line),
+        make_record("test_resnet", train_peak_mem_mib=800.0, train_activations_mib=400.0, **parts,
+                    **{**line, "lock_ok": False,
+                       "check_reason": "lock: 1.0M trunk parameters trainable, 0.5M expected"}),
+        make_record("test_resnet", grad_checkpointing=True, train_peak_mem_mib=800.0, train_activations_mib=400.0,
+                    **parts, **line),
+        make_record("test_convnext", mode="infer", infer_peak_mem_mib=300.0, infer_weights_mib=100.0,
+                    infer_activations_mib=200.0, train_peak_mem_mib=None),
+    ]
+
+
+def test_memory_section_breakdown_fits_on_checks_and_checkpointing():
+    text = render(frame(memory_records()), {"name": "mem"})
+    section = text.split("## Memory")[1].split("## ")[0]
+    assert ("| trial | phase | peak (MiB) | weights (MiB) | grads (MiB) | optimizer (MiB) | activations (MiB) | "
+            "fixed (MiB) | per sample (MiB) | fits on 24 GiB | fits on 40 GiB | fits on 80 GiB |") in section
+    assert ("| `test_vit` | train | 1,000 | 100 | 100 | 200 | 600 | 1,024 | 100 | 235 | 399 | 808 | 779 | ok |"
+            in section)
+    assert "| `test_convnext mode=infer` | infer | 300 | 100 | 0 | 0 | 200 | — | — | — | — | — | — | — |" \
+        in section
+    assert "| `test_resnet` | train | 800 |" in section and "| ⚠ lock |" in section
+    assert "- `test_resnet`: lock: 1.0M trunk parameters trainable, 0.5M expected" in section
+    # checkpointing: saved where it worked, flagged where it did not
+    assert "| `test_vit` | 600 | 200 | 400 (66.7%) | 779 → 779 |" in section
+    assert "| `test_resnet` | 400 | 400 | 0 (0.00%) ⚠ not lower |" in section
+    assert "1 pair: checkpointing did not lower the activations" in section
+    full = text.split("## All trials")[1]
+    assert "mem at peak W / G / O / A (MiB) |" in full and "| train: 100 / 100 / 200 / 600 |" in full
+
+
+def test_no_memory_section_without_a_breakdown(text):
+    assert "## Memory" not in text
+
+
+def test_breakdown_plot(tmp_path):
+    write_store(tmp_path / "run" / "results.sqlite", memory_records(), {"experiment": {"name": "mem"}})
+    text = write_report(tmp_path / "run").read_text()
+    assert "![Where peak memory goes](report-memory-breakdown.png)" in text
+    png = (tmp_path / "run" / "report-memory-breakdown.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
