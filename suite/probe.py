@@ -72,7 +72,7 @@ def probe_trial(trial, *, tower=None, device: str | None = None, cache_dir: str 
     top1_lo, top1_hi = wilson_interval(int(res.correct.sum()), res.n_test)
     bal_lo, bal_hi = balanced_interval(res.y_test, res.correct)
     return ProbeResult(
-        probe_features=trial.probe_features, probe_top1_lo=top1_lo, probe_top1_hi=top1_hi,
+        probe_top1_lo=top1_lo, probe_top1_hi=top1_hi,
         probe_balanced_accuracy_lo=bal_lo, probe_balanced_accuracy_hi=bal_hi,
         probe_test_set=sha256_json([splits.identity, arrays["y_test"].tolist()]),
         probe_test_correct=pack_correct(res.correct), probe_shots=shots,

@@ -113,7 +113,6 @@ class ProbeResult:
     probe_skipped_images: int | None = None
     probe_time_s: float | None = None
     # uncertainty and what was probed (issue 13)
-    probe_features: str | None = None  # 'pooled' (before the projection head) or 'projected'
     probe_top1_lo: float | None = None  # percent, 95% Wilson interval of probe_top1
     probe_top1_hi: float | None = None
     probe_balanced_accuracy_lo: float | None = None  # percent, 95% interval (per-class normal approx.)

@@ -119,8 +119,12 @@ def test_accuracy_is_not_compared_across_probed_feature_kinds(tmp_path):
 
     from suite.compare import compare_paths
 
+    import sqlite3
+
     a = write_store(tmp_path / "a" / "results.sqlite", [make_record(probe_top1=90.0)])
-    b = write_store(tmp_path / "b" / "results.sqlite", [make_record(probe_top1=50.0, probe_features="pooled")])
+    with sqlite3.connect(a) as db:  # as stored before the option existed: same trial id, no value
+        db.execute("UPDATE trials SET probe_features = NULL")
+    b = write_store(tmp_path / "b" / "results.sqlite", [make_record(probe_top1=50.0)])
     result = compare_paths(a, b)
     assert not any(ch.metric == "probe_top1" for ch in result.changes)
     assert "probe features projected vs pooled" in result.env_mismatch[0]
