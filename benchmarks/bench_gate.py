@@ -8,8 +8,8 @@
    as it is, then with `--confirm` where it flagged something.
 2. Runs the same trials once more with every timed step made `slowdown` slower on purpose (a trial
    function that busy-waits that fraction of each step's own duration), and compares it with the
-   last identical run: the gate must fail, with and without `--confirm` (which re-measures with the
-   same slowed steps, as CI re-measures the slowed code).
+   last identical run: the gate must fail, with and without `--confirm` (which re-measures the
+   slowed steps against the baseline rebuilt with the unslowed ones, as CI would with two commits).
 
 Prints figures; exits non-zero only on an error. Needs an idle machine (several minutes).
 """
@@ -55,7 +55,7 @@ def slower_trial(trial, factor: float = 0.10):
     return run_trial(trial)
 
 
-def _gate(base: Path, cur: Path, confirm: int, fn: str, fn_kwargs: dict | None) -> str:
+def _gate(base: Path, cur: Path, confirm: int, fn: str, fn_kwargs: dict | None, baseline_fn: str | None = None) -> str:
     from suite.compare import compare_paths, is_timing
     from suite.confirm import confirm_paths
 
@@ -65,7 +65,7 @@ def _gate(base: Path, cur: Path, confirm: int, fn: str, fn_kwargs: dict | None) 
     text = (f"{'FAIL' if plain.exit_code else 'PASS'}: {plain.n_compared} trials compared, "
             f"{timing} throughput and {memory} memory regressions")
     if confirm and timing:
-        confirmed = confirm_paths(base, cur, rounds=confirm, fn=fn, fn_kwargs=fn_kwargs)
+        confirmed = confirm_paths(base, cur, rounds=confirm, fn=fn, fn_kwargs=fn_kwargs, baseline_fn=baseline_fn)
         held = sum(ch.verdict == "regression" and is_timing(ch.metric) for ch in confirmed.changes)
         text += f"; with --confirm {confirm}: {'FAIL' if confirmed.exit_code else 'PASS'} ({held} held)"
     return text
@@ -112,7 +112,7 @@ def main() -> None:
                   flush=True)
     slow = _slow_run(args.experiment, root / "slow", runs[-1], args.slowdown)
     print(f"injected {args.slowdown:.0%} slowdown: compare run{args.pairs} slow: "
-          + _gate(runs[-1], slow, args.confirm, "bench_gate:slower_trial", {"factor": args.slowdown}))
+          + _gate(runs[-1], slow, args.confirm, "bench_gate:slower_trial", {"factor": args.slowdown}, DEFAULT_FN))
 
 
 if __name__ == "__main__":

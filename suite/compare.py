@@ -175,19 +175,22 @@ def flagged_timing(c: Comparison) -> list[Change]:
     return [ch for ch in c.changes if ch.verdict == "regression" and is_timing(ch.metric)]
 
 
-def apply_confirmation(c: Comparison, remeasured: dict[tuple[str, str], list[float]], gates: dict) -> Comparison:
+def apply_confirmation(c: Comparison, remeasured: dict[tuple[str, str], list[float]], gates: dict,
+                       rebuilt_baseline: dict[tuple[str, str], float] | None = None) -> Comparison:
     """Re-judge flagged timing regressions against re-measured current values, in place.
 
     A regression holds when the median of the re-measurements still fails its threshold against the
-    baseline; otherwise its verdict becomes "not confirmed" and it no longer fails the gate. A flagged
-    trial without re-measurements (another environment, or its re-run failed) stays a regression.
+    baseline (its re-measured median where `rebuilt_baseline` has one, else its stored figure);
+    otherwise its verdict becomes "not confirmed" and it no longer fails the gate. A flagged trial
+    without re-measurements (another environment, or its re-run failed) stays a regression.
     """
     for ch in flagged_timing(c):
         values = remeasured.get((ch.trial_id, ch.metric))
         if not values:
             continue
         ch.remeasured = tuple(values)
-        again = _judge(ch.metric, ch.baseline, statistics.median(values), ch.threshold, None)
+        base = (rebuilt_baseline or {}).get((ch.trial_id, ch.metric), ch.baseline)
+        again = _judge(ch.metric, base, statistics.median(values), ch.threshold, None)
         ch.verdict = "regression" if again == "regression" else "not confirmed"
     c.regressions = c.status_regressions + [_regression_line(ch) for ch in c.changes if ch.verdict == "regression"]
     c.confirmed = True

@@ -47,3 +47,32 @@ def test_status_regressions_survive_confirmation(tmp_path):
     b = write_store(tmp_path / "b" / "results.sqlite", [make_record("ok_tower", "error", "boom", env=FAKE_ENV)])
     result = apply_confirmation(compare_paths(a, b), {}, gates_of(b))
     assert result.exit_code == 1 and "status ok → error" in result.regressions[0]
+
+
+def _lucky_stores(tmp_path, commit_a: str, commit_b: str):
+    """A baseline whose figure was a lucky 25% high; the current run measured the true 100 img/s."""
+    lucky = dict(infer_samples_per_sec=125.0, infer_step_time=128.0, infer_step_time_iqr=1.0)
+    a = write_store(tmp_path / "a" / "results.sqlite",
+                    [make_record("ok_tower", env={**FAKE_ENV, "env_git_commit": commit_a}, **lucky)])
+    b = write_store(tmp_path / "b" / "results.sqlite",
+                    [make_record("ok_tower", env={**FAKE_ENV, "env_git_commit": commit_b}, **FAST)])
+    return a, b
+
+
+def test_a_lucky_baseline_from_the_same_commit_is_rebuilt_and_the_flag_dropped(tmp_path):
+    base, cur = _lucky_stores(tmp_path, "abc123", "abc123")
+    result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 100.0})
+    assert result.exit_code == 0  # re-measured both sides, interleaved: 100 vs 100
+
+
+def test_a_baseline_from_another_commit_is_not_rebuilt(tmp_path):
+    base, cur = _lucky_stores(tmp_path, "abc123", "def456")
+    result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 100.0})
+    assert result.exit_code == 1  # the stored 125 stands: 100 still fails -5%
+
+
+def test_a_rebuilt_baseline_with_other_code_still_catches_the_slowdown(tmp_path):
+    base, cur = _lucky_stores(tmp_path, "abc123", "abc123")
+    result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 89.0},
+                           baseline_fn="trialfns:behave", baseline_kwargs={"rate": 100.0})
+    assert result.exit_code == 1
