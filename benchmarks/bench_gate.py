@@ -46,13 +46,16 @@ def slower_trial(trial, factor: float = 0.10):
     from suite.execute import run_trial
 
     make_step = measure._make_step
-    if not getattr(make_step, "slowed", False):
-        def slowed(*args, **kwargs):
-            return _Slowed(make_step(*args, **kwargs), factor)
 
-        slowed.slowed = True
-        measure._make_step = slowed
-    return run_trial(trial)
+    def slowed(*args, **kwargs):
+        return _Slowed(make_step(*args, **kwargs), factor)
+
+    # Only for this trial: --confirm runs the rebuilt (unslowed) baseline in the same worker.
+    measure._make_step = slowed
+    try:
+        return run_trial(trial)
+    finally:
+        measure._make_step = make_step
 
 
 def _gate(base: Path, cur: Path, confirm: int, fn: str, fn_kwargs: dict | None, baseline_fn: str | None = None) -> str:

@@ -32,6 +32,7 @@ class SideTrial(Trial):
     """A trial tagged with the side of the A/B re-measurement it belongs to."""
 
     side: str = "current"
+    stored_id: str = ""  # the stored trial's id (the re-run drops the probe, which changes its own id)
 
 
 def ab_trial(trial: SideTrial, *, fns: dict[str, str], fn_kwargs: dict[str, dict]):
@@ -44,7 +45,7 @@ def ab_trial(trial: SideTrial, *, fns: dict[str, str], fn_kwargs: dict[str, dict
 def _trial_of(row, side: str) -> SideTrial:
     """The configuration a stored row was measured with (without its probe), tagged with `side`."""
     values = {o.name: get(row, o.name) for o in OPTIONS if get(row, o.name) is not None or o.nullable}
-    return SideTrial(**{**values, "dataset": "none"}, side=side)
+    return SideTrial(**{**values, "dataset": "none"}, side=side, stored_id=str(get(row, "trial_id")))
 
 
 def same_clean_commit(base_row, cur_row) -> bool:
@@ -73,12 +74,12 @@ def remeasure(comparison: Comparison, baseline_path, current_path, rounds: int =
     schedule = [_trial_of(rows[side][tid], side) for _ in range(rounds) for tid in ids
                 for side in (("current", "baseline") if rebuild[tid] else ("current",))]
     fns = {"current": fn, "baseline": baseline_fn or fn}
-    kwargs = {"current": fn_kwargs or {}, "baseline": baseline_kwargs if baseline_fn else (fn_kwargs or {})}
+    kwargs = {"current": fn_kwargs or {}, "baseline": (baseline_kwargs or {}) if baseline_fn else (fn_kwargs or {})}
     out: dict[tuple[str, str, str], list[float]] = {}
     records = run_trials(schedule, fn="suite.confirm:ab_trial", fn_kwargs={"fns": fns, "fn_kwargs": kwargs},
                          workers=1, progress=False, console=console, label=lambda t: f"confirm {t.side} {t.label}")
     for record in records:
-        side, tid = record.trial.side, record.trial.trial_id
+        side, tid = record.trial.side, record.trial.stored_id
         if record.status != "ok" or tid not in rows["current"] or record.env.key() != get(rows["current"][tid], "env_key"):
             continue  # another environment (or a failed re-run): not confirmed here
         for ch in flagged:

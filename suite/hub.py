@@ -2,13 +2,16 @@
 
 Without network, timm's download of pretrained weights retries for about a minute per trial before
 it fails. The sweep, `suite validate` and `suite bench` ask here once, up front, and fail in seconds
-when the weights are not cached and downloads are off (`HF_HUB_OFFLINE=1`). This never touches the
-network: it reads timm's pretrained configs and huggingface_hub's cache (both imported lazily: timm
-imports torch).
+when the weights are not cached and cannot be downloaded: downloads are off (`HF_HUB_OFFLINE=1`), or
+the hub does not answer one TCP connection within 3 seconds (`hub_reachable`, asked only when the
+weights are not cached and downloads are on). Otherwise it reads timm's pretrained configs and
+huggingface_hub's cache (both imported lazily: timm imports torch).
 """
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,21 @@ def hub_offline() -> bool:
     """Whether huggingface_hub may not download (HF_HUB_OFFLINE, or its alias TRANSFORMERS_OFFLINE, set)."""
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub accepts a TCP connection (one try per process, `timeout_s` at most)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _hub_repo(model: str, weights: Any) -> tuple[str | None, str | None]:
@@ -63,11 +81,13 @@ def hub_weights_problem(model: str, weights: Any) -> tuple[str | None, str | Non
             return None, None
     where = f"hub repo {repo}" if repo else url
     cache = constants.HF_HUB_CACHE if repo else str(Path(torch.hub.get_dir()) / "checkpoints")
-    if hub_offline():
+    if hub_offline() or not hub_reachable():
+        why = "HF_HUB_OFFLINE=1 forbids downloading them" if hub_offline() else (
+            "the hub cannot be reached (no network?), so each trial would retry for about a minute; set "
+            "HF_HUB_OFFLINE=1 to say so up front")
         return (f"pretrained: {weights!r} of {model}: the weights ({where}) are not in the local cache {cache} "
-                "and HF_HUB_OFFLINE=1 forbids downloading them; fetch them once where there is network "
-                "(into that cache, or HF_HOME), or set pretrained to a local checkpoint file "
-                "(.safetensors/.pth)"), None
+                f"and {why}; fetch them once where there is network (into that cache, or HF_HOME), or set "
+                "pretrained to a local checkpoint file (.safetensors/.pth)"), None
     return None, (f"pretrained: {weights!r} of {model}: the weights ({where}) are not in the local cache {cache}; "
                   "they will be downloaded. Without network, set HF_HUB_OFFLINE=1 to fail in seconds, or set "
                   "pretrained to a local checkpoint file")

@@ -261,7 +261,15 @@ def test_pretrained_weights_not_cached_fail_fast_offline(tmp_path, monkeypatch):
     (problem,) = problems
     assert "timm/test_vit.r160_in1k" in problem and "HF_HUB_OFFLINE=1" in problem
     assert str(tmp_path / "hub") in problem and "local checkpoint file" in problem
-    # Downloads allowed: not an error, but a note that each trial downloads them.
+    # Downloads allowed and the hub reachable (faked: tests never touch the network): a note only.
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("suite.hub.hub_reachable", lambda: True)
     exp = load_experiment(write(tmp_path, "name: x\ngrid: {model: [test_vit], pretrained: [true]}\n"))
     assert any("will be downloaded" in w and "HF_HUB_OFFLINE=1" in w for w in exp.warnings)
+    # Downloads allowed but no network (faked): refused in seconds, naming the ways out.
+    monkeypatch.setattr("suite.hub.hub_reachable", lambda: False)
+    (problem,) = problems_of(tmp_path, """
+        name: x
+        grid: {model: [test_vit], pretrained: [true]}
+    """)
+    assert "cannot be reached" in problem and "HF_HUB_OFFLINE=1" in problem and "local checkpoint file" in problem
