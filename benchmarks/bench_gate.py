@@ -45,17 +45,17 @@ def slower_trial(trial, factor: float = 0.10):
     import suite.measure as measure
     from suite.execute import run_trial
 
-    make_step = measure._make_step
+    make_step = measure.step_fn
 
     def slowed(*args, **kwargs):
         return _Slowed(make_step(*args, **kwargs), factor)
 
     # Only for this trial: --confirm runs the rebuilt (unslowed) baseline in the same worker.
-    measure._make_step = slowed
+    measure.step_fn = slowed
     try:
         return run_trial(trial)
     finally:
-        measure._make_step = make_step
+        measure.step_fn = make_step
 
 
 def _gate(base: Path, cur: Path, confirm: int, fn: str, fn_kwargs: dict | None, baseline_fn: str | None = None) -> str:

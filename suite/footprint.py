@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from suite.capacity import PARTS, affine_fit, predict_max_batch, search_max_batch
-from suite.memory import MIB, MemoryBaseline, PassMemory, is_oom, settle, tensor_mib
-from suite.steps import infer_step_fn, make_inputs, reset_compiler, train_step_fn
+from suite.memory import MIB, MemoryBaseline, PassMemory, is_oom, recover, settle, tensor_mib
+from suite.steps import make_inputs, reset_compiler, step_fn
 
 _MEMORY_STEPS = 2  # steps of the memory pass: the second runs with the optimizer state in place
 _ADAM_MOMENTS = 2  # AdamW keeps exp_avg and exp_avg_sq, each the size of its parameter
@@ -63,10 +63,6 @@ def _mib(t: torch.Tensor) -> float:
     return _nbytes(t) / MIB
 
 
-def _step(phase: str, tower, trial, device: str, *, eager: bool):
-    return (infer_step_fn if phase == "infer" else train_step_fn)(tower, trial, device, eager=eager)
-
-
 def memory_pass(phase: str, tower, trial, device: str, inputs: torch.Tensor, baseline: MemoryBaseline,
                 *, held_mib: float = 0.0) -> tuple[PassMemory, StateSeen | None]:
     """Peak memory of `_MEMORY_STEPS` steps of a fresh step, untimed, broken down by `PARTS`.
@@ -80,7 +76,7 @@ def memory_pass(phase: str, tower, trial, device: str, inputs: torch.Tensor, bas
     grads: dict[int, int] = {}
     hooks = []
     with baseline.track(tensor_mib(tower), _mib(inputs), held_mib=held_mib, watch=watch) as tracking:
-        step = _step(phase, tower, trial, device, eager=eager)
+        step = step_fn(phase, tower, trial, device, eager=eager)
         optimizer = getattr(step, "optimizer", None)
 
         def on_grad(p: torch.Tensor) -> None:
@@ -146,17 +142,10 @@ def phase_memory(phase: str, tower, trial, device: str, inputs: torch.Tensor,
         if not is_oom(exc):
             raise
         second = None
-    _recover(tower, device)
+    recover(tower, device)
     fit = affine_fit([(batch, peak.peak_mib), (other, second.peak_mib)]) if second else None
     fixed, per_sample = fit if fit else (None, None)
     return PhaseMemory(peak, seen, fixed, per_sample, budget, predict_max_batch(fixed, per_sample, budget))
-
-
-def _recover(tower, device: str) -> None:
-    tower.zero_grad(set_to_none=True)
-    settle(device)
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def search_batch(phase: str, tower, trial, device: str, baseline: MemoryBaseline, budget: float,
@@ -180,7 +169,7 @@ def search_batch(phase: str, tower, trial, device: str, baseline: MemoryBaseline
     try:
         def runs(b: int, steps: int = _MEMORY_STEPS) -> bool:
             ok = _try_steps(phase, tower, trial, device, b, steps)
-            _recover(tower, device)
+            recover(tower, device)
             return ok
         found = search_max_batch(runs, start)
         while found > 0 and not runs(found, trial.iters):  # confirm: the found batch must run iters steps
@@ -195,7 +184,7 @@ def _try_steps(phase: str, tower, trial, device: str, batch: int, steps: int) ->
     if trial.compile:
         reset_compiler()  # every batch size is a new graph: never hit the recompile limit
     try:
-        step = _step(phase, tower, trial, device, eager=False)
+        step = step_fn(phase, tower, trial, device)
         x = make_inputs(trial, device, batch)
         for _ in range(steps):
             step(x)

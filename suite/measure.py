@@ -38,11 +38,11 @@ from suite.errors import UnsupportedConfig
 from suite.footprint import (
     PhaseMemory, budget_mib, capacity_fields, lock_check, phase_memory, search_batch, state_check,
 )
-from suite.memory import MemoryBaseline, is_oom, settle
+from suite.memory import MemoryBaseline, is_oom, recover, settle
 from suite.options import options_in
 from suite.records import MeasureResult
 from suite.steady import steady_allocator
-from suite.steps import compile_stats, infer_step_fn, make_inputs, reset_compiler, train_step_fn
+from suite.steps import compile_stats, make_inputs, reset_compiler, step_fn
 from suite.timing import Timing, cudnn_benchmark, time_steps
 
 _FLOP_BATCH = 2  # FLOPs are counted on a small batch and scaled: they are linear in the batch
@@ -61,14 +61,10 @@ class _Phase:
     graph_breaks: int
 
 
-def _make_step(phase: str, tower, trial, device: str, *, eager: bool = False):
-    return (infer_step_fn if phase == "infer" else train_step_fn)(tower, trial, device, eager=eager)
-
-
 def _compile(phase: str, tower, trial, device: str, inputs) -> float:
     """Compile from a clean slate and run the first (compiling) call; return its wall time."""
     reset_compiler()
-    step = _make_step(phase, tower, trial, device)
+    step = step_fn(phase, tower, trial, device)
     t0 = time.perf_counter()
     step(inputs)
     settle(device)
@@ -86,7 +82,7 @@ def _run_phase(phase: str, tower, trial, device: str, batch_size: int, baseline:
     if measured is not None:
         memory = dataclasses.replace(memory, max_batch_measured=measured)
     settle(device)
-    step = _make_step(phase, tower, trial, device)
+    step = step_fn(phase, tower, trial, device)
     t0 = time.perf_counter()
     timing = time_steps(step, inputs, warmup=trial.warmup, iters=trial.iters, device=device)
     wall_s = time.perf_counter() - t0
@@ -115,10 +111,7 @@ def _run_phase_fitting(phase: str, tower, trial, device: str, baseline: MemoryBa
             if not is_oom(exc) or not trial.auto_batch_size or batch <= 1:
                 raise
         # Outside the except block: the traceback (and the tensors its frames hold) is gone.
-        tower.zero_grad(set_to_none=True)
-        settle(device)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        recover(tower, device)
         batch //= 2
 
 

@@ -117,6 +117,14 @@ def settle(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def recover(tower: torch.nn.Module, device: str) -> None:
+    """Clean up after an out-of-memory try: drop gradients, collect, empty the CUDA cache."""
+    tower.zero_grad(set_to_none=True)
+    settle(device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _status_mib(field: str) -> float | None:
     try:
         with open("/proc/self/status") as f:

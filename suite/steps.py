@@ -162,3 +162,8 @@ def _grad_scaler(device: str):
 def train_step_fn(tower: torch.nn.Module, trial, device: str, *, eager: bool = False) -> TrainStep:
     """The training step of `trial` (see `TrainStep`)."""
     return TrainStep(tower, trial, device, eager=eager)
+
+
+def step_fn(phase: str, tower: torch.nn.Module, trial, device: str, *, eager: bool = False):
+    """The step of `phase` ('infer' or 'train'): `infer_step_fn` or `train_step_fn`."""
+    return (infer_step_fn if phase == "infer" else train_step_fn)(tower, trial, device, eager=eager)
