@@ -5,7 +5,7 @@ An experiment file (YAML, safe loader) looks like::
     name: smoke
     device: cpu                      # any trial option may sit at the top level, in `measure:` or `probe:`
     measure: {mode: both, warmup: 2, iters: 5}
-    probe: {dataset: digits}
+    probe: {dataset: [digits, textures], shots: [1, 5, 10, null]}   # a list outside grid is an axis, except shots
     grid:                            # any trial option; a scalar or a list (an axis)
       model: [test_vit, test_resnet]
       pool: [avg, abs_attn]
@@ -30,7 +30,7 @@ from typing import Any
 from suite.criteria import parse_select, parse_thresholds
 from suite.errors import ConfigError, close_matches, suggest  # noqa: F401 - ConfigError re-exported
 from suite.hub import hub_weights_problem, looks_like_path
-from suite.options import BACKENDS, OPTION_BY_NAME, OPTIONS, Trial, options_in
+from suite.options import BACKENDS, OPTION_BY_NAME, OPTIONS, Trial, options_in, shots_text
 
 SECTIONS = ("name", "description", "measure", "probe", "grid", "include", "exclude", "select", "compare", "run")
 RUN_KEYS = {"timeout_s": (int, float), "workers": (int,), "backend": (str,), "address": (str,), "out": (str,)}
@@ -81,10 +81,7 @@ def _check_options(path: str, block: Any, problems: list[str], *, allowed, lists
         if key not in names:
             problems.append(f"{where}: unknown option {key!r}{suggest(key, names)}")
             continue
-        if isinstance(value, list):
-            if not lists:
-                problems.append(f"{where}: a list is only allowed under grid/include/exclude, got {value!r}")
-                continue
+        if isinstance(value, list):  # callers pass lists only with lists=True (an axis)
             if not value:
                 problems.append(f"{where}: empty list; give at least one value")
                 continue
@@ -99,6 +96,22 @@ def _check_options(path: str, block: Any, problems: list[str], *, allowed, lists
             if len(problems) == before:
                 good[key] = [value] if lists else value
     return good
+
+
+def _fixed_or_axis(path: str, block: Any, allowed, fixed: dict, axes: dict, problems: list[str]) -> None:
+    """Options outside the grid: a scalar goes to `fixed`, a list to `axes` (as if written under grid)."""
+    if not isinstance(block, dict):
+        _check_options(path, block, problems, allowed=allowed, lists=False)  # names the problem
+        return
+    for key, value in block.items():
+        if key == "shots":
+            value = shots_text(value)  # [1, 5, 10, null] outside the grid: one trial's few-shot ks
+        if isinstance(value, list):
+            good = _check_options(path, {key: value}, problems, allowed=allowed, lists=True)
+            _unswept_identity(path, good, problems)
+            axes.update(good)
+        else:
+            fixed.update(_check_options(path, {key: value}, problems, allowed=allowed, lists=False))
 
 
 def _expand(axes: dict[str, list]):
@@ -124,7 +137,7 @@ def _unswept_identity(path: str, block: dict[str, list], problems: list[str]) ->
     """A list of values for an option that is not part of a trial's identity would collapse to one trial."""
     for key, values in block.items():
         if len(values) > 1 and not OPTION_BY_NAME[key].identity:
-            problems.append(f"{path}.{key}: {values!r} cannot be swept: {key} does not change what is measured "
+            problems.append(f"{path + '.' if path else ''}{key}: {values!r} cannot be swept: {key} does not change what is measured "
                             "(it is not part of a trial's identity), so every value would name the same trial; "
                             "give one value")
 
@@ -162,11 +175,12 @@ def parse_experiment(data: Any, source: str = "<experiment>", text: str = "", *,
         raise ConfigError(source, [f"expected a mapping at the top level, got {type(data).__name__}"])
     option_names = [o.name for o in OPTIONS]
     fixed: dict[str, Any] = {}
+    outside: dict[str, list] = {}  # a list outside the grid (`probe: {dataset: [digits, textures]}`): an axis
     for key, value in data.items():
         if key in SECTIONS:
             continue
         if key in option_names:
-            fixed.update(_check_options("", {key: value}, problems, allowed=OPTIONS, lists=False))
+            _fixed_or_axis("", {key: value}, OPTIONS, fixed, outside, problems)
         else:
             problems.append(f"{key}: unknown key{suggest(key, list(SECTIONS) + option_names)}")
     name = data.get("name")
@@ -174,12 +188,12 @@ def parse_experiment(data: Any, source: str = "<experiment>", text: str = "", *,
         problems.append(f"name: required, a non-empty string (got {name!r})")
     for section, groups in (("measure", ("measure",)), ("probe", ("probe",))):
         if section in data:
-            fixed.update(_check_options(section, data[section], problems, allowed=options_in(*groups), lists=False))
+            _fixed_or_axis(section, data[section], options_in(*groups), fixed, outside, problems)
     grid = _check_options("grid", data.get("grid", {}), problems, allowed=OPTIONS, lists=True)
     _unswept_identity("grid", grid, problems)
-    overlap = sorted(set(grid) & set(fixed))
-    for key in overlap:
+    for key in sorted(set(grid) & (set(fixed) | set(outside))):
         problems.append(f"grid.{key}: also set outside the grid; set it in one place")
+    grid.update(outside)
 
     def entries(section: str) -> list[dict]:
         raw = data.get(section, [])

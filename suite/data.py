@@ -84,8 +84,12 @@ class Splits:
 # --------------------------------------------------------------------------- splitting helpers
 
 
-def stratified_split(labels: np.ndarray, seed: int, ratios=SPLIT_RATIOS) -> tuple[np.ndarray, ...]:
+def stratified_split(labels: np.ndarray, seed: int, ratios=SPLIT_RATIOS,
+                     classes: list[str] | None = None) -> tuple[np.ndarray, ...]:
     """Split indices per class by `ratios`, at least one image per class in each split.
+
+    Args:
+        classes: class names (label i is classes[i]), so an error names the class, not its index.
 
     Returns:
         Sorted index arrays, one per ratio. A class with fewer images than splits raises DatasetError.
@@ -94,13 +98,13 @@ def stratified_split(labels: np.ndarray, seed: int, ratios=SPLIT_RATIOS) -> tupl
     parts: list[list[int]] = [[] for _ in ratios]
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        if len(idx) < len(ratios):
-            raise DatasetError(f"class {c} has {len(idx)} image(s); splitting needs at least {len(ratios)}")
+        name = repr(classes[c]) if classes is not None and 0 <= c < len(classes) else str(c)
         # The later splits (val, test) get round(n * ratio), at least 1; train keeps the rest.
         sizes = [max(1, round(len(idx) * r)) for r in ratios[1:]]
         sizes = [len(idx) - sum(sizes)] + sizes
-        if sizes[0] < 1:
-            raise DatasetError(f"class {c} has {len(idx)} images: too few for a train/val/test split")
+        if len(idx) < len(ratios) or sizes[0] < 1:
+            raise DatasetError(f"class {name} has {len(idx)} image(s); a train/val/test split needs at least "
+                               f"{len(ratios)} per class")
         start = 0
         for part, size in zip(parts, sizes):
             part.extend(idx[start:start + size].tolist())
@@ -139,7 +143,10 @@ def _fixed_splits(images: np.ndarray, labels: np.ndarray, name: str, trial, clas
     """In-memory gray images capped by `trial.max_per_class` and split with the fixed seed."""
     keep = cap_per_class(labels, trial.max_per_class, DIGITS_SPLIT_SEED)
     images, labels = images[keep], labels[keep]
-    parts = stratified_split(labels, DIGITS_SPLIT_SEED)
+    try:
+        parts = stratified_split(labels, DIGITS_SPLIT_SEED, classes=classes)
+    except DatasetError as e:
+        raise DatasetError(f"{name}: {e}: raise max_per_class (at least 3) or set it to null") from None
     identity = f"{name}:split_seed={DIGITS_SPLIT_SEED}:cap={trial.max_per_class}"
     train, val, test = (ArrayImages(images[p], labels[p], key=f"{identity}:{split}")
                         for split, p in zip(SPLIT_NAMES, parts))
@@ -281,7 +288,7 @@ def _split_single(folder: ImageFolder, samples: list[tuple[str, int]],
     """A single folder's samples split per class by `SPLIT_RATIOS` with `seed`."""
     labels = np.array([label for _, label in samples], dtype=np.int64)
     try:
-        parts = stratified_split(labels, seed)
+        parts = stratified_split(labels, seed, classes=folder.classes)
     except DatasetError as e:
         raise DatasetError(f"{folder.root}: {e}: add images to that class, or give train/, val/, test/ folders") from e
     return {s: [samples[i] for i in p] for s, p in zip(SPLIT_NAMES, parts)}

@@ -251,6 +251,7 @@ def _describe(tower) -> dict[str, Any]:
         "layer_groups": info.layer_groups,
         "feature_shape": "x".join(str(n) for n in info.feature_shape) or None,
         "grad_checkpointing_active": info.grad_checkpointing,
+        "weights_note": "; ".join(info.weights_notes) or None,
     }
 
 

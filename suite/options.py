@@ -47,6 +47,7 @@ class Option:
         minimum: the smallest valid number (numbers only), with `why` saying what it is for.
         maximum: the largest valid number (rates), or None.
         why: why the range is what it is, shown with a value out of range.
+        parse: for a string with its own syntax, a function that raises ValueError on a bad value.
     """
 
     name: str
@@ -62,6 +63,7 @@ class Option:
     minimum: float = 0
     maximum: float | None = None
     why: str = ""
+    parse: Any = None
 
     def check(self, value: Any) -> str | None:
         """Return a problem with `value`, or None when it is valid."""
@@ -77,6 +79,11 @@ class Option:
             return f"must be one of {', '.join(repr(c) for c in self.choices)}"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return self._range_problem(value)
+        if self.parse is not None:
+            try:
+                self.parse(value)
+            except ValueError as exc:
+                return str(exc)
         return None
 
     def _range_problem(self, value: float) -> str | None:
@@ -93,6 +100,36 @@ class Option:
         names = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
         text = " or ".join(names[t] for t in self.types)
         return text + (" or null" if self.nullable else "")
+
+
+def parse_shots(text: str) -> list[int | None]:
+    """'1,5,10,all' -> [1, 5, 10, None] (None: every training image), each k once, in order.
+
+    Raises:
+        ValueError: an entry that is not a positive integer or 'all'.
+    """
+    out: list[int | None] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if part.lower() in ("all", "null", "none"):
+            out.append(None)
+        elif part.isdigit() and int(part) > 0:
+            out.append(int(part))
+        else:
+            raise ValueError(f"has {part!r}, which is not a positive integer or 'all'; write e.g. '1,5,10,all'")
+    return list(dict.fromkeys(out))
+
+
+def shots_text(value: Any) -> Any:
+    """The canonical string of a few-shot list as an experiment file may write it: [1, 5, null] -> '1,5,all'.
+
+    Other values (a string, null, something invalid that the option's check will name) pass unchanged.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list) and all(v is None or (isinstance(v, (int, str)) and not isinstance(v, bool))
+                                       for v in value):
+        return ",".join("all" if v is None else str(v) for v in value)
+    return value
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -151,8 +188,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("probe_features", (str,), "pooled",
            "features probed: pooled (the trunk's, before the projection head) or projected (after it)",
            "probe", PROBE_FEATURES, hashed_at_default=False),
-    Option("shots", (str,), None, "few-shot probes: labeled images per class, e.g. '1,5,10,all' (null: none)",
-           "probe", nullable=True, hashed_at_default=False),
+    Option("shots", (str,), None,
+           "few-shot probes: labeled images per class, e.g. '1,5,10,all' or [1, 5, 10, null] (null: none)",
+           "probe", nullable=True, hashed_at_default=False, parse=parse_shots),
     Option("shot_seeds", (int,), 3, "seeds (samples of the training split) per few-shot k", "probe",
            hashed_at_default=False),
 )

@@ -16,6 +16,7 @@ from suite.data import load_splits
 from suite.device import resolve_device
 from suite.errors import DatasetError, UnsupportedConfig
 from suite.features import extract_splits, feature_cache_key, load_cached_features, save_cached_features
+from suite import options
 from suite.options import sha256_json
 from suite.paths import cache_dir as default_cache_dir
 from suite.records import ProbeResult
@@ -86,20 +87,15 @@ def probe_trial(trial, *, tower=None, device: str | None = None, cache_dir: str 
 
 
 def parse_shots(text: str) -> list[int | None]:
-    """'1,5,10,all' -> [1, 5, 10, None] (None: every training image).
+    """'1,5,10,all' -> [1, 5, 10, None] (see `suite.options.parse_shots`).
 
     Raises:
         UnsupportedConfig: an entry that is not a positive integer or 'all'.
     """
-    out: list[int | None] = []
-    for part in (p.strip() for p in str(text).split(",")):
-        if part.lower() in ("all", "null", "none"):
-            out.append(None)
-        elif part.isdigit() and int(part) > 0:
-            out.append(int(part))
-        else:
-            raise UnsupportedConfig(f"shots={text!r}: {part!r} is not a positive integer or 'all'; write e.g. '1,5,10,all'")
-    return list(dict.fromkeys(out))
+    try:
+        return options.parse_shots(text)
+    except ValueError as exc:
+        raise UnsupportedConfig(f"shots={text!r} {exc}") from None
 
 
 def _sample_shots(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

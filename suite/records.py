@@ -25,6 +25,7 @@ class MeasureResult:
     layer_groups: int | None = None
     feature_shape: str | None = None  # trunk output before the head, e.g. "96x7x7" or "197x192"
     grad_checkpointing_active: bool | None = None
+    weights_note: str | None = None  # what loading the weights changed, e.g. "pos_embed resampled from 10x10 to 6x6"
     # inference
     infer_samples_per_sec: float | None = None
     infer_step_time: float | None = None  # ms, median

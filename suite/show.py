@@ -12,6 +12,7 @@ ROWS = {
         ("trainable (M)", "trainable_param_count", "{:.2f}"),
         ("layer groups", "layer_groups", "{}"),
         ("features before head", "feature_shape", "{}"),
+        ("weights", "weights_note", "{}"),
         ("infer samples/s", "infer_samples_per_sec", "{:,.1f}"),
         ("infer step ms (median ± IQR)", ("infer_step_time", "infer_step_time_iqr"), "{:.2f} ± {:.2f}"),
         ("infer batch", "infer_batch_size", "{}"),

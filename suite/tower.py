@@ -82,6 +82,7 @@ class TowerInfo:
     grad_checkpointing: bool
     locked_groups: int | None = None  # None when lock() was not called
     unlocked_groups: int | None = None
+    weights_notes: tuple[str, ...] = ()  # what loading the weights changed (e.g. a resampled pos_embed)
 
 
 # --- the tower -----------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ class TimmTower(nn.Module):
             grad_checkpointing=self.grad_checkpointing,
             locked_groups=locked,
             unlocked_groups=unlocked,
+            weights_notes=tuple(getattr(self, "weights_notes", ()) or ()),
         )
 
     @property

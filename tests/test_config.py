@@ -273,3 +273,36 @@ def test_pretrained_weights_not_cached_fail_fast_offline(tmp_path, monkeypatch):
         grid: {model: [test_vit], pretrained: [true]}
     """)
     assert "cannot be reached" in problem and "HF_HUB_OFFLINE=1" in problem and "local checkpoint file" in problem
+
+
+# --- issue 13: several datasets and few-shot ks written where a user writes them ------------------
+
+
+def test_a_list_outside_the_grid_is_an_axis_and_shots_is_one_trials_list():
+    exp = parse_experiment({"name": "x", "probe": {"dataset": ["digits", "textures"], "shots": [1, 5, None]},
+                            "grid": {"model": ["test_vit", "test_resnet"]}})
+    assert [(t.model, t.dataset) for t in exp.trials] == [
+        ("test_vit", "digits"), ("test_vit", "textures"), ("test_resnet", "digits"), ("test_resnet", "textures")]
+    assert {t.shots for t in exp.trials} == {"1,5,all"} and exp.axes == ["model", "dataset"]
+    # The same axis written under grid gives the same trials (same ids).
+    same = parse_experiment({"name": "x", "probe": {"shots": "1,5,all"},
+                             "grid": {"model": ["test_vit", "test_resnet"], "dataset": ["digits", "textures"]}})
+    assert [t.trial_id for t in same.trials] == [t.trial_id for t in exp.trials]
+
+
+def test_lists_outside_the_grid_are_checked_like_grid_axes(tmp_path):
+    problems = problems_of(tmp_path, """
+        name: x
+        noise_threshold: [0.1, 0.2]
+        probe: {dataset: [digits, txtures], shots: [0, 5]}
+        grid: {model: [test_vit], pool: avg}
+        measure: {pool: [avg]}
+    """)
+    text = "\n".join(problems)
+    assert "noise_threshold: [0.1, 0.2] cannot be swept" in text
+    assert "probe.dataset[1]: 'txtures' must be one of" in text and "did you mean 'textures'" in text
+    assert "probe.shots: '0,5' has '0', which is not a positive integer or 'all'" in text
+    assert "measure.pool: unknown option" in text  # sections keep their own options
+    with pytest.raises(ConfigError, match="grid.dataset: also set outside the grid"):
+        parse_experiment({"name": "x", "probe": {"dataset": ["digits", "textures"]},
+                          "grid": {"model": ["test_vit"], "dataset": ["digits"]}})

@@ -105,7 +105,7 @@ def test_cap_per_class_seeded_and_checked():
 
 
 def test_stratified_split_needs_three_per_class():
-    with pytest.raises(DatasetError, match="class 1 has 2"):
+    with pytest.raises(DatasetError, match="class 1 has 2"):  # no names given: the label
         stratified_split(np.array([0, 0, 0, 1, 1]), seed=0)
     tr, va, te = stratified_split(np.array([0] * 10 + [1] * 5), seed=0)
     assert (len(tr), len(va), len(te)) == (9, 3, 3)
@@ -185,6 +185,16 @@ def test_too_few_images_to_split(tmp_path):
     write_digits_folder(tmp_path, per_class=2)
     with pytest.raises(DatasetError, match="at least 3.*train/, val/, test/"):
         check_dataset(trial(dataset="imagefolder", root=str(tmp_path)))
+
+
+def test_a_class_with_one_image_is_named_by_its_folder(tmp_path):
+    write_digits_folder(tmp_path, classes=(0, 1), per_class=5)
+    write_digits_folder(tmp_path / "x", classes=(2,), per_class=1)
+    (tmp_path / "x" / "digit2").rename(tmp_path / "rare_cat")
+    (tmp_path / "x").rmdir()
+    with pytest.raises(DatasetError) as info:
+        check_dataset(trial(dataset="imagefolder", root=str(tmp_path)))
+    assert "class 'rare_cat' has 1 image(s)" in str(info.value) and "class 2 " not in str(info.value)
 
 
 def _corrupt(root: Path) -> tuple[Path, Path]:

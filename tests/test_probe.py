@@ -117,5 +117,5 @@ def test_probe_records_intervals_correctness_and_few_shot(tmp_path):
     assert proj.probe_test_set == r.probe_test_set
     assert proj.probe_cache_hit is False and proj.probe_shots is None
     assert parse_shots("1, 5,10,all") == [1, 5, 10, None]
-    with pytest.raises(UnsupportedConfig, match="'0' is not a positive integer or 'all'"):
+    with pytest.raises(UnsupportedConfig, match="shots='0,5' has '0', which is not a positive integer or 'all'"):
         parse_shots("0,5")

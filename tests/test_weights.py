@@ -255,3 +255,11 @@ def test_a_vit_checkpoint_at_another_resolution_is_resampled_and_noted(tmp_path)
     assert torch.equal(tower.trunk.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert tower.weights_notes == ["pos_embed resampled from a 10x10 to a 6x6 patch grid (bicubic, as timm does "
                                    "for pretrained weights at another image size)"]
+    # ... and the record says so (the measured tower's `weights_note`).
+    from suite.measure import measure
+    from suite.options import Trial
+
+    t = Trial(model="test_vit", embed_dim=EMBED, image_size=96, pool="token", pretrained=str(path), device="cpu",
+              mode="infer", warmup=1, iters=1, batch_size=2)
+    assert measure(t, tower=tower).weights_note == tower.weights_notes[0]
+    assert measure(t, tower=TimmTower("test_vit", EMBED, image_size=96, pool="token")).weights_note is None
