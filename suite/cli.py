@@ -277,9 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", action="append", metavar="METRIC=CHANGE",
                    help="e.g. train_samples_per_sec=-3%% or probe_top1=-0.5 (repeatable)")
     p.add_argument("-o", "--output", help="also write the markdown table here")
-    p.add_argument("--confirm", type=_positive_int, nargs="?", const=3, default=0, metavar="ROUNDS",
-                   help="re-measure flagged throughput regressions ROUNDS times (default 3) on this machine "
-                        "and fail only on those that hold")
+    p.add_argument("--confirm", type=_positive_int, nargs="?", const=3, default=3, metavar="ROUNDS",
+                   help="re-measure flagged throughput regressions ROUNDS times (default 3) on this machine, "
+                        "A/B interleaved with the baseline where it can be rebuilt, and fail only on those that hold")
+    p.add_argument("--no-confirm", dest="confirm", action="store_const", const=0,
+                   help="judge the stored figures only (no re-measurement)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="export results: " + ", ".join(FORMATS))

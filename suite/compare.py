@@ -239,11 +239,15 @@ def _markdown(c: Comparison, gates: dict) -> str:
     lines.append(f"{c.n_compared} trials compared, {len(c.regressions)} regressions. Thresholds: "
                  + ", ".join(f"`{m}` {t.text}" for m, t in gates.items() if t is not None)
                  + "; a change within the two runs' combined step-time IQR is noise, not a regression.")
-    if c.confirmed:
-        held = sum(ch.verdict == "regression" and bool(ch.remeasured) for ch in c.changes)
-        dropped = sum(ch.verdict == "not confirmed" for ch in c.changes)
-        lines.append(f"Flagged throughput regressions were re-measured: {held} held, {dropped} did not "
-                     "(not confirmed: run-to-run noise, not a regression).")
+    flagged = [ch for ch in c.changes if ch.verdict == "not confirmed" or ch in flagged_timing(c)]
+    if c.confirmed and flagged:
+        held = sum(ch.verdict == "regression" and bool(ch.remeasured) for ch in flagged)
+        dropped = sum(ch.verdict == "not confirmed" for ch in flagged)
+        unmeasured = len(flagged) - held - dropped
+        lines.append(f"Flagged throughput regressions were re-measured on this machine: {held} held, {dropped} did "
+                     "not (not confirmed: run-to-run noise, not a regression)"
+                     + (f", {unmeasured} could not be re-measured here (measured in another environment, or the "
+                        "re-run failed) and stand" if unmeasured else "") + ".")
     if c.n_compared == 0:
         lines += ["", "**Nothing was compared**: no trial ran ok in both runs in the same environment, "
                   "so this gate cannot pass."]

@@ -54,6 +54,18 @@ def same_clean_commit(base_row, cur_row) -> bool:
     return bool(a) and a == b and not str(a).endswith("+dirty")
 
 
+def measurable_here(row) -> bool:
+    """Whether this machine can re-measure a stored row: same device, torch, timm and CUDA.
+
+    The allocator part of the key is left out here: every measuring worker holds it steady, the
+    driver calling this need not. The re-measured records are checked against the full key.
+    """
+    from suite.env import capture_env  # torch: only when something was flagged
+
+    here = capture_env(str(get(row, "device") or "auto")).key().split("|")[:4]
+    return str(get(row, "env_key") or "").split("|")[:4] == here
+
+
 def remeasure(comparison: Comparison, baseline_path, current_path, rounds: int = 3, *, fn: str = DEFAULT_FN,
               fn_kwargs: dict | None = None, baseline_fn: str | None = None, baseline_kwargs: dict | None = None,
               console=None) -> dict[tuple[str, str, str], list[float]]:
@@ -67,7 +79,10 @@ def remeasure(comparison: Comparison, baseline_path, current_path, rounds: int =
         return {}
     rows = {s: {str(get(r, "trial_id")): r for r in rows_of(load_results(p)) if get(r, "status") == "ok"}
             for s, p in (("baseline", baseline_path), ("current", current_path))}
-    ids = sorted({ch.trial_id for ch in flagged if ch.trial_id in rows["current"]})
+    ids = sorted({ch.trial_id for ch in flagged if ch.trial_id in rows["current"]
+                  and (fn != DEFAULT_FN or measurable_here(rows["current"][ch.trial_id]))})
+    if not ids:  # nothing this machine can re-measure: do not build a single tower
+        return {}
     rebuild = {tid: baseline_fn is not None or (tid in rows["baseline"]
                                                  and same_clean_commit(rows["baseline"][tid], rows["current"][tid]))
                for tid in ids}

@@ -165,6 +165,7 @@ def search_batch(phase: str, tower, trial, device: str, baseline: MemoryBaseline
         return search_max_batch(fits_cpu, start)
 
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / MIB
+    before = _memory_fraction()
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total))
     try:
         def runs(b: int, steps: int = _MEMORY_STEPS) -> bool:
@@ -176,7 +177,13 @@ def search_batch(phase: str, tower, trial, device: str, baseline: MemoryBaseline
             found -= max(1, found // 20)
         return found
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.set_per_process_memory_fraction(before)  # the caller's cap, not 1.0
+
+
+def _memory_fraction() -> float:
+    """The CUDA caching allocator's current cap (1.0 on torch versions that cannot say)."""
+    get = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    return float(get()) if get is not None else 1.0
 
 
 def _try_steps(phase: str, tower, trial, device: str, batch: int, steps: int) -> bool:

@@ -3,9 +3,9 @@
 Each trial is one task: one GPU per task when the cluster has GPUs (and the trials want one),
 one CPU slot otherwise. Results stream back to the driver with `ray.wait` as tasks finish, and the
 driver alone calls `on_result`, so the results database has one writer and nothing is lost or
-written twice. A task whose worker dies is recorded `crashed` (tasks are never retried: a retry
-would run the crash again); a task over `timeout_s` is cancelled with `force=True`, which kills
-its worker, and is recorded `timeout`.
+written twice. A task whose worker or node dies is recorded `crashed` (tasks are never retried:
+a retry would run the crash again); a task over `timeout_s` is cancelled with `force=True`, which
+kills its worker, and is recorded `timeout`.
 
 Notes:
 - The trial function's module must be importable on the cluster's workers (`suite` installed
@@ -19,6 +19,7 @@ Notes:
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ def _failure(ray, exc: BaseException) -> tuple[str, str]:
         return "crashed", "worker killed by Ray's memory monitor (host memory exhausted)"
     if isinstance(exc, ray.exceptions.WorkerCrashedError):
         return "crashed", "worker process died (Ray WorkerCrashedError)"
+    if isinstance(exc, getattr(ray.exceptions, "NodeDiedError", ())):  # its machine, raylet or network failed
+        node = re.search(r"Node IP: ([^,\s]+)", str(exc))
+        return "crashed", f"the Ray node running the task died (Ray NodeDiedError{', node ' + node[1] if node else ''})"
     return "crashed", f"Ray task failed: {type(exc).__name__}"
 
 

@@ -76,3 +76,13 @@ def test_a_rebuilt_baseline_with_other_code_still_catches_the_slowdown(tmp_path)
     result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 89.0},
                            baseline_fn="trialfns:behave", baseline_kwargs={"rate": 100.0})
     assert result.exit_code == 1
+
+
+def test_rows_from_another_environment_are_not_remeasured(tmp_path, monkeypatch):
+    """The default gate re-measures flags, but never builds towers for rows this machine did not measure."""
+    import suite.confirm as confirm
+
+    base, cur = _stores(tmp_path, FAST, SLOW)  # env_torch "fake": not this machine
+    monkeypatch.setattr(confirm, "run_trials", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran trials")))
+    result = confirm_paths(base, cur, rounds=2)  # the real trial function
+    assert result.exit_code == 1 and "1 could not be re-measured here" in result.markdown
