@@ -7,8 +7,9 @@ no memory. Per phase (inference, training) here:
    and reported apart;
 2. a memory pass, untimed: two steps with peak live-tensor memory tracked and broken down, and a
    second pass at half the batch for the capacity line (see `suite.memory`, `suite.footprint`);
-3. the timed loop: steady-state warm-up, then `iters` steps each timed on its own, reported as
-   median and IQR and flagged noisy when IQR/median exceeds `trial.noise_threshold`
+3. the timed loop: steady-state warm-up, then rounds of `iters` steps each timed on its own until
+   two rounds agree (at least two), reported as the median and IQR of the agreeing rounds' steps
+   and flagged noisy when IQR/median exceeds `trial.noise_threshold` or no rounds agreed
    (see `suite.timing`).
 
 Before anything is timed the process is put into a steady state (`suite.steady`: the C allocator
@@ -88,7 +89,7 @@ def _run_phase(phase: str, tower, trial, device: str, batch_size: int, baseline:
     wall_s = time.perf_counter() - t0
     skipped = None
     if phase == "train":
-        skipped = timing.warmup_steps + trial.iters - step.optimizer_steps()
+        skipped = timing.warmup_steps + timing.steps - step.optimizer_steps()
     graphs = breaks = 0
     if trial.compile:
         stats = compile_stats()
@@ -300,9 +301,11 @@ def _phase_fields(phase: str, p: _Phase, flops: int, peak_tflops: float, trial) 
         f"{phase}_peak_reserved_mib": p.memory.peak.reserved_mib,
         f"{phase}_rss_growth_mib": p.memory.peak.rss_growth_mib,
         **capacity_fields(phase, p.memory),
-        f"{phase}_noisy": p.timing.iqr_ms / p.timing.median_ms > trial.noise_threshold,
+        f"{phase}_noisy": p.timing.iqr_ms / p.timing.median_ms > trial.noise_threshold or not p.timing.steady,
         f"{phase}_warmup_steps": p.timing.warmup_steps,
         f"{phase}_warmup_steady": p.timing.warmup_steady,
+        f"{phase}_timed_rounds": p.timing.rounds,
+        f"{phase}_timing_steady": p.timing.steady,
     }
 
 

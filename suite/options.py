@@ -168,7 +168,7 @@ OPTIONS: tuple[Option, ...] = (
            "measure", hashed_at_default=False),
     Option("mode", (str,), "both", "what to measure: infer|train|both", "measure", MODES),
     Option("warmup", (int,), 5, "minimum untimed warm-up steps (warm-up then runs until the step time is steady)", "measure"),
-    Option("iters", (int,), 20, "timed iterations", "measure", minimum=1,
+    Option("iters", (int,), 20, "timed steps per round (at least two rounds, more until two agree within 5%)", "measure", minimum=1,
            why="at least one step must be timed"),
     Option("noise_threshold", (float,), 0.1, "flag a timing whose IQR/median exceeds this", "measure", identity=False),
     Option("max_batch", (bool,), False, "also search the largest batch that fits mem_budget_mib (GPU: real OOMs)",

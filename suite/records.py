@@ -42,6 +42,8 @@ class MeasureResult:
     infer_rss_growth_mib: float | None = None  # CPU: resident-set growth of the memory pass (secondary)
     infer_warmup_steps: int | None = None  # warm-up steps run: at least `warmup`, until the step time was steady
     infer_warmup_steady: bool | None = None  # False: warm-up hit its time limit before the step time settled
+    infer_timed_rounds: int | None = None  # rounds of `iters` timed steps run (at least 2; more while they disagreed)
+    infer_timing_steady: bool | None = None  # False: no two timed rounds agreed within 5% (also flagged noisy)
     # training
     train_samples_per_sec: float | None = None
     train_step_time: float | None = None
@@ -58,6 +60,8 @@ class MeasureResult:
     train_rss_growth_mib: float | None = None  # CPU: resident-set growth of the memory pass (secondary)
     train_warmup_steps: int | None = None  # warm-up steps run: at least `warmup`, until the step time was steady
     train_warmup_steady: bool | None = None  # False: warm-up hit its time limit before the step time settled
+    train_timed_rounds: int | None = None  # rounds of `iters` timed steps run (at least 2; more while they disagreed)
+    train_timing_steady: bool | None = None  # False: no two timed rounds agreed within 5% (also flagged noisy)
     train_skipped_steps: int | None = None  # optimizer steps the fp16 gradient scaler skipped while timing
     # how it was measured
     device_peak_tflops: float | None = None  # measured dense matmul peak at this precision

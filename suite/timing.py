@@ -7,8 +7,15 @@ reports a mean over the timed loop. Here:
   (the median of the last `window` steps within `tolerance` of the window before it), bounded by
   `max_warmup_s`, so a first timed step never pays for lazy kernel loading, autotuning or
   allocator growth. How many warm-up steps ran is part of the result.
+- the timed loop runs in rounds of `iters` steps, at least `MIN_ROUNDS`, until the latest round's
+  median agrees (within `tolerance`) with an earlier round's, at most `MAX_ROUNDS`. The figure is
+  the median over the steps of the two agreeing rounds. A burst of other work on the machine (on a
+  shared 2-core VM: a kernel thread, a neighbour) that slows one round for a few hundred
+  milliseconds is then a round that agrees with nothing, not the trial's figure; a machine slow for
+  the whole trial gives agreeing slow rounds, reported as they are. Rounds that never agree are
+  reported over all their steps and marked `steady=False` (the record's `{phase}_timing_steady`).
 - each timed step is timed on its own: on CUDA with an event pair per step and one synchronization
-  after the loop (no host sync inside the loop, so the launch queue stays full as in training);
+  after each round (no host sync inside a round, so the launch queue stays full as in training);
   on CPU with `perf_counter`.
 - `cudnn_benchmark()` turns cuDNN's autotuner on for the measurement, as timm's benchmark does,
   and restores the previous setting.
@@ -24,6 +31,8 @@ from typing import Any, Callable, Iterator
 WINDOW = 3  # steps per window of the drift test
 TOLERANCE = 0.05  # windows whose medians differ by at most this are steady
 MAX_WARMUP_S = 10.0  # warm-up stops here even if the step time still drifts
+MIN_ROUNDS = 2  # timed rounds of `iters` steps: at least two, so one disturbed round cannot be the figure
+MAX_ROUNDS = 5  # ... and at most this many while the rounds disagree
 
 
 @dataclass(frozen=True)
@@ -35,15 +44,29 @@ class Timing:
     times_ms: tuple[float, ...]
     warmup_steps: int = 0
     warmup_steady: bool = True  # False: the time limit ended warm-up before the step time settled
+    rounds: int = 1  # timed rounds run (`times_ms` holds the steps of the agreeing ones)
+    steady: bool = True  # False: no two rounds agreed within MAX_ROUNDS (the figure is over all of them)
+    steps: int = 0  # timed steps run in all rounds
 
 
-def summarize(times_ms: list[float], warmup_steps: int = 0, warmup_steady: bool = True) -> Timing:
+def summarize(times_ms: list[float], warmup_steps: int = 0, warmup_steady: bool = True, *, rounds: int = 1,
+              steady: bool = True, steps: int | None = None) -> Timing:
     """Median and inclusive-quartile IQR of `times_ms`."""
     if len(times_ms) >= 2:
         q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
     else:
         q1 = q3 = times_ms[0]
-    return Timing(statistics.median(times_ms), q3 - q1, tuple(times_ms), warmup_steps, warmup_steady)
+    return Timing(statistics.median(times_ms), q3 - q1, tuple(times_ms), warmup_steps, warmup_steady, rounds,
+                  steady, len(times_ms) if steps is None else steps)
+
+
+def agreeing(rounds: list[list[float]], tolerance: float = TOLERANCE) -> list[list[float]] | None:
+    """The last round and the earlier round whose median is closest to it, if within `tolerance`; else None."""
+    if len(rounds) < 2:
+        return None
+    last = statistics.median(rounds[-1])
+    gap, best = min((abs(statistics.median(r) - last), i) for i, r in enumerate(rounds[:-1]))
+    return [rounds[best], rounds[-1]] if gap <= tolerance * min(last, statistics.median(rounds[best])) else None
 
 
 def _timed_once(step: Callable, inputs: Any, device: str) -> float:
@@ -84,19 +107,35 @@ def warm_up(step: Callable, inputs: Any, *, warmup: int, device: str,
 
 
 def time_steps(step: Callable, inputs: Any, *, warmup: int, iters: int, device: str,
-               max_warmup_s: float = MAX_WARMUP_S) -> Timing:
-    """Warm up (see `warm_up`), then time `iters` steps one by one.
+               max_warmup_s: float = MAX_WARMUP_S, min_rounds: int = MIN_ROUNDS,
+               max_rounds: int = MAX_ROUNDS, tolerance: float = TOLERANCE) -> Timing:
+    """Warm up (see `warm_up`), then time rounds of `iters` steps, each step on its own, until two agree.
 
     Raises:
-        ValueError: `iters` < 1 or `warmup` < 0.
+        ValueError: `iters` < 1, `warmup` < 0 or `min_rounds` outside 1..`max_rounds`.
     """
     if iters < 1:
         raise ValueError(f"iters={iters}: at least one timed iteration is needed")
     if warmup < 0:
         raise ValueError(f"warmup={warmup} must not be negative")
+    if not 1 <= min_rounds <= max_rounds:
+        raise ValueError(f"min_rounds={min_rounds}, max_rounds={max_rounds}: need 1 <= min_rounds <= max_rounds")
     if device == "cuda":
         warmup = max(warmup, 1)  # the first CUDA step loads kernels and, with cudnn.benchmark, autotunes
     warmup_steps, settled = warm_up(step, inputs, warmup=warmup, device=device, max_warmup_s=max_warmup_s)
+    rounds: list[list[float]] = []
+    while True:
+        rounds.append(_timed_round(step, inputs, iters, device))
+        agreed = agreeing(rounds, tolerance) if min_rounds > 1 else rounds
+        if (agreed is not None and len(rounds) >= min_rounds) or len(rounds) >= max_rounds:
+            break
+    chosen = agreed if agreed is not None else rounds
+    return summarize([t for r in chosen for t in r], warmup_steps, settled, rounds=len(rounds),
+                     steady=agreed is not None, steps=iters * len(rounds))
+
+
+def _timed_round(step: Callable, inputs: Any, iters: int, device: str) -> list[float]:
+    """Per-step times (ms) of `iters` steps: CUDA events and one synchronization, or perf_counter."""
     if device == "cuda":
         import torch
 
@@ -107,14 +146,14 @@ def time_steps(step: Callable, inputs: Any, *, warmup: int, iters: int, device: 
             step(inputs)
             end.record()
         torch.cuda.synchronize()
-        return summarize([b.elapsed_time(e) for b, e in events], warmup_steps, settled)
+        return [b.elapsed_time(e) for b, e in events]
     times = []
     clock = time.perf_counter
     for _ in range(iters):
         t0 = clock()
         step(inputs)
         times.append((clock() - t0) * 1e3)
-    return summarize(times, warmup_steps, settled)
+    return times
 
 
 @contextmanager

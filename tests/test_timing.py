@@ -11,8 +11,11 @@ from suite.timing import steady, summarize, time_steps, warm_up
 def test_time_steps_runs_warmup_then_times_each_iteration():
     calls = []
     timing = time_steps(lambda x: calls.append(x), "batch", warmup=2, iters=5, device="cpu")
-    assert len(timing.times_ms) == 5
-    assert len(calls) == timing.warmup_steps + 5 and timing.warmup_steps >= 2
+    assert 2 <= timing.rounds <= 5 and timing.steps == 5 * timing.rounds
+    assert len(timing.times_ms) == (10 if timing.steady else timing.steps)  # the two agreeing rounds
+    assert len(calls) == timing.warmup_steps + timing.steps and timing.warmup_steps >= 2
+    one = time_steps(lambda x: None, None, warmup=0, iters=4, device="cpu", min_rounds=1, max_rounds=1)
+    assert one.rounds == 1 and len(one.times_ms) == 4
     with pytest.raises(ValueError, match="iters=0"):
         time_steps(lambda x: None, None, warmup=0, iters=0, device="cpu")
     with pytest.raises(ValueError, match="warmup=-1"):
@@ -55,3 +58,29 @@ def test_warm_up_is_bounded_by_its_time_limit():
 
     steps, settled = warm_up(drifting, None, warmup=1, device="cpu", max_warmup_s=0.3)
     assert not settled and steps >= 2
+
+
+def _scheduled(ms_per_call):
+    """A step that sleeps ms_per_call(n) milliseconds on its n-th call (0-based), counting calls."""
+    calls = []
+
+    def step(_):
+        time.sleep(ms_per_call(len(calls)) / 1e3)
+        calls.append(1)
+    return step, calls
+
+
+def test_a_round_slowed_by_a_burst_is_not_the_figure():
+    """Other work slows the first timed round by 60%: the next two rounds agree, and they are the figure."""
+    step, calls = _scheduled(lambda n: 8.0 if 6 <= n < 14 else 5.0)  # warm-up is 6 steps, rounds of 8
+    timing = time_steps(step, None, warmup=6, iters=8, device="cpu", max_warmup_s=0)
+    assert timing.warmup_steps == 6 and timing.rounds == 3 and timing.steady
+    assert 5.0 <= timing.median_ms < 6.0 and len(timing.times_ms) == 16
+
+
+def test_a_machine_slow_throughout_is_reported_slow_and_rounds_that_never_agree_are_flagged():
+    slow, _ = _scheduled(lambda n: 8.0)
+    assert time_steps(slow, None, warmup=1, iters=4, device="cpu", max_warmup_s=0).median_ms >= 8.0
+    drifting, _ = _scheduled(lambda n: 3.0 * 1.25 ** (n // 4))  # every round 25% slower than the last
+    timing = time_steps(drifting, None, warmup=0, iters=4, device="cpu", max_warmup_s=0, max_rounds=4)
+    assert timing.rounds == 4 and not timing.steady and len(timing.times_ms) == 16
