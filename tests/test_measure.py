@@ -76,6 +76,19 @@ def test_mode_leaves_the_other_phase_empty(roofline):
     assert all(v is None for k, v in dataclasses.asdict(r).items() if k.startswith("train_"))
 
 
+def test_a_callers_tower_is_given_back_as_it_came(roofline):
+    """The train steps change weights and norm statistics; a later figure must not depend on them."""
+    t = trial(mode="both")
+    tower = tower_of(t).eval()
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    measure(t, tower=tower, cache_dir=roofline)
+    after = tower.state_dict()
+    assert not tower.training and all(torch.equal(before[k], after[k]) for k in before)
+    # ... which is a real restore: one train step on the same tower (same seed) changes its state.
+    train_step_fn(tower, t, "cpu")(make_inputs(t, "cpu", t.batch_size))
+    assert any(not torch.equal(before[k], v) for k, v in tower.state_dict().items())
+
+
 def test_flops_are_counted_once_per_tower_configuration(resnet_both, roofline, monkeypatch):
     import suite.flops
 
