@@ -79,9 +79,10 @@ def _env_lines(rows: list) -> list[str]:
         + (f"; platform {joined('env_platform')}" if joined("env_platform") != "—" else ""),
         f"- **Precision:** {joined('precision')}"
         + (f"; memory measured as {joined('mem_method')}" if joined("mem_method") != "—" else ""),
-        f"- **Timing:** {joined('warmup')} warm-up + {joined('iters')} timed iterations per phase; "
-        f"median step time, ± is its IQR relative to the median, ⚠ marks IQR/median above "
-        f"`noise_threshold` ({joined('noise_threshold')})",
+        f"- **Timing:** at least {joined('warmup')} warm-up steps (until the step time is steady), then rounds of "
+        f"{joined('iters')} timed steps per phase (at least two, until two agree within 5%); median step time "
+        f"over the agreeing rounds, ± is its IQR relative to the median, ⚠ marks IQR/median above "
+        f"`noise_threshold` ({joined('noise_threshold')}) or rounds that never agreed",
     ]
     commits = joined("env_git_commit")
     if commits != "—":
