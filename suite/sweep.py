@@ -9,6 +9,7 @@ short-lived child process (`preflight`); the trials run in the runner's workers.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -119,6 +120,14 @@ def preflight(exp: Experiment) -> Preflight:
     return Preflight([], known_problems(exp), trial_env(resolve_device(exp.trials[0].device)), notes)
 
 
+def _preflight(exp: Experiment) -> Preflight:
+    """`preflight` in a child process, so the driver never imports torch; in this process when torch
+    is already imported here (a notebook, a test run): the child would only import it again (~5 s)."""
+    if "torch" in sys.modules:
+        return preflight(exp)
+    return call_in_child(preflight, exp)
+
+
 def check_run_args(workers: int | None, timeout_s: float | None) -> None:
     """The same rules as the file's `run:` block, for the arguments that override it (0 is not "unset").
 
@@ -163,7 +172,7 @@ def run_experiment(
     check_run_args(workers, timeout_s)
     # names are checked with timm, in the preflight child
     exp = load_experiment(path, check_names=False, max_trials=None if yes else MAX_TRIALS)
-    checked = call_in_child(preflight, exp)
+    checked = _preflight(exp)
     if checked.model_problems:
         raise ConfigError(exp.source, checked.model_problems)
     for warning in (*exp.warnings, *checked.warnings):
