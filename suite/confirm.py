@@ -9,13 +9,15 @@ sides alike). A regression holds only when the median of the current re-measurem
 its threshold against the baseline's (re-measured where rebuilt, else stored) figure.
 
 The baseline can be rebuilt when both runs were measured by the same clean commit of the suite
-(`env_git_commit`): the configuration is all a trial needs. From another commit it is not rebuilt
-here; the stored figure stands. Only trials measured in this machine's environment can be
+(`env_git_commit`): the configuration is all a trial needs. When it was measured by another clean
+commit that this checkout has, that commit's files measure its side (`suite.rebuild`). Otherwise
+(a dirty tree, a commit not here) the stored figure stands. Only trials measured in this machine's environment can be
 confirmed; the others stay flagged. Trials are re-measured without their probe (timing only).
 """
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import statistics
 from pathlib import Path
 
@@ -86,6 +88,34 @@ def remeasure(comparison: Comparison, baseline_path, current_path, rounds: int =
     rebuild = {tid: baseline_fn is not None or (tid in rows["baseline"]
                                                  and same_clean_commit(rows["baseline"][tid], rows["current"][tid]))
                for tid in ids}
+    tree = None
+    if baseline_fn is None and fn == DEFAULT_FN and not all(rebuild.values()):
+        tree = _baseline_tree(rows, ids)  # the baseline's own commit, exported, measures its side
+        if tree is not None:
+            baseline_fn, baseline_kwargs = "suite.rebuild:measure_at", {"tree": str(tree)}
+            rebuild = {tid: tid in rows["baseline"] for tid in ids}
+    try:
+        return _interleaved(flagged, rows, ids, rebuild, rounds, fn, fn_kwargs, baseline_fn, baseline_kwargs, console)
+    finally:
+        if tree is not None:
+            shutil.rmtree(tree, ignore_errors=True)
+
+
+def _baseline_tree(rows: dict, ids: list[str]) -> Path | None:
+    """The files of the one clean commit the baseline rows were measured by, when it is not the
+    current rows' commit and this checkout has it (`suite.rebuild.export_commit`); else None."""
+    from suite.rebuild import export_commit
+
+    commits = {str(get(rows["baseline"][tid], "env_git_commit") or "") for tid in ids if tid in rows["baseline"]}
+    current = {str(get(rows["current"][tid], "env_git_commit") or "") for tid in ids}
+    if len(commits) != 1 or commits == current:
+        return None
+    return export_commit(commits.pop())
+
+
+def _interleaved(flagged, rows, ids, rebuild, rounds, fn, fn_kwargs, baseline_fn, baseline_kwargs,
+                 console) -> dict[tuple[str, str, str], list[float]]:
+    """Run the A/B schedule in one worker; the re-measured values by (side, trial_id, metric)."""
     schedule = [_trial_of(rows[side][tid], side) for _ in range(rounds) for tid in ids
                 for side in (("current", "baseline") if rebuild[tid] else ("current",))]
     fns = {"current": fn, "baseline": baseline_fn or fn}

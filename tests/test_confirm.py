@@ -86,3 +86,50 @@ def test_rows_from_another_environment_are_not_remeasured(tmp_path, monkeypatch)
     monkeypatch.setattr(confirm, "run_trials", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran trials")))
     result = confirm_paths(base, cur, rounds=2)  # the real trial function
     assert result.exit_code == 1 and "1 could not be re-measured here" in result.markdown
+
+
+# --- a baseline from another commit: rebuilt from that commit's files -----------------------------
+
+
+def test_bench_flags_give_the_trial_back():
+    from suite.cli import build_parser, trial_from_args
+    from suite.options import Trial
+    from suite.rebuild import bench_flags
+
+    t = Trial(model="test_resnet", image_size=32, embed_dim=16, pool="abs_attn", unlocked_groups=0,
+              grad_checkpointing=True, drop=0.25, device="cpu", mode="infer", batch_size=4, warmup=1, iters=2)
+    flags = bench_flags(t)
+    assert flags[:2] == ["--model", "test_resnet"] and "--grad-checkpointing" in flags and "--seed" not in flags
+    back = trial_from_args(build_parser().parse_args(["bench", *flags]))
+    assert back == t
+
+
+def test_export_commit_writes_the_commits_files_or_says_none(tmp_path):
+    from suite.env import git_commit
+    from suite.rebuild import export_commit
+
+    head = (git_commit() or "").removesuffix("+dirty")
+    assert export_commit("0" * 40) is None and export_commit(head + "+dirty") is None
+    tree = export_commit(head)
+    assert tree is not None and (tree / "suite" / "__main__.py").is_file() and not (tree / ".git").exists()
+
+
+def test_a_baseline_from_another_commit_is_rebuilt_from_its_files(tmp_path):
+    """The stored baseline figure is absurdly fast; only a rebuilt baseline lets the flag go."""
+    from suite.env import git_commit
+    from suite.execute import trial_env
+
+    head = (git_commit() or "").removesuffix("+dirty")
+    env = {k: v for k, v in vars(trial_env("cpu")).items() if v is not None}
+    tiny = dict(image_size=32, embed_dim=16, batch_size=4, warmup=1, iters=2, device="cpu", mode="infer")
+    a = write_store(tmp_path / "a" / "results.sqlite", [make_record(
+        "test_resnet", env={**env, "env_git_commit": head}, **tiny,
+        infer_samples_per_sec=1e6, infer_step_time=0.004, infer_step_time_iqr=0.0)])
+    b = write_store(tmp_path / "b" / "results.sqlite", [make_record(
+        "test_resnet", env={**env, "env_git_commit": "f" * 40}, **tiny,
+        infer_samples_per_sec=8e5, infer_step_time=0.005, infer_step_time_iqr=0.0)])
+    assert compare_paths(a, b).exit_code == 1  # -20%: flagged
+    result = confirm_paths(a, b, rounds=1)
+    change = next(ch for ch in result.changes if ch.metric == "infer_samples_per_sec")
+    assert change.remeasured and change.remeasured[0] < 1e5  # really re-measured here
+    assert change.verdict == "not confirmed" and result.exit_code == 0, result.markdown
