@@ -239,7 +239,7 @@ def _markdown(c: Comparison, gates: dict) -> str:
     lines.append(f"{c.n_compared} trials compared, {len(c.regressions)} regressions. Thresholds: "
                  + ", ".join(f"`{m}` {t.text}" for m, t in gates.items() if t is not None)
                  + "; a change within the two runs' combined step-time IQR is noise, not a regression.")
-    flagged = [ch for ch in c.changes if ch.verdict == "not confirmed" or ch in flagged_timing(c)]
+    flagged = [ch for ch in c.changes if is_timing(ch.metric) and ch.verdict in ("regression", "not confirmed")]
     if c.confirmed and flagged:
         held = sum(ch.verdict == "regression" and bool(ch.remeasured) for ch in flagged)
         dropped = sum(ch.verdict == "not confirmed" for ch in flagged)

@@ -57,15 +57,15 @@ def same_clean_commit(base_row, cur_row) -> bool:
 
 
 def measurable_here(row) -> bool:
-    """Whether this machine can re-measure a stored row: same device, torch, timm and CUDA.
+    """Whether this machine can re-measure a stored row: its environment key but for the allocator.
 
-    The allocator part of the key is left out here: every measuring worker holds it steady, the
-    driver calling this need not. The re-measured records are checked against the full key.
+    The allocator is taken from the row: every measuring worker holds it steady, the driver calling
+    this need not. The re-measured records are checked against the full key.
     """
     from suite.env import capture_env  # torch: only when something was flagged
 
-    here = capture_env(str(get(row, "device") or "auto")).key().split("|")[:4]
-    return str(get(row, "env_key") or "").split("|")[:4] == here
+    here = capture_env(str(get(row, "device") or "auto"))
+    return dataclasses.replace(here, env_allocator=get(row, "env_allocator")).key() == get(row, "env_key")
 
 
 def remeasure(comparison: Comparison, baseline_path, current_path, rounds: int = 3, *, fn: str = DEFAULT_FN,

@@ -79,12 +79,13 @@ def measure_at(trial, *, tree: str, timeout_s: float = 900) -> TrialRecord:
     """Measure `trial` (timing only) with the suite code in `tree`, in a fresh process."""
     env = dict(os.environ, PYTHONPATH=tree, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "suite", "bench", *bench_flags(trial), "--json"]
+    done = None
     try:
         done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout_s)
         row = json.loads(done.stdout)
     except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
-        tail = locals().get("done")
-        why = one_line(tail.stderr.strip().splitlines()[-1]) if tail is not None and tail.stderr.strip() else one_line(exc)
+        stderr = done.stderr.strip() if done is not None else ""
+        why = one_line(stderr.splitlines()[-1]) if stderr else one_line(exc)
         return TrialRecord(trial, "error", f"the baseline commit's code could not measure this trial: {why}")
     part = lambda cls: cls(**{k: row[k] for k in field_names(cls) if k in row})  # noqa: E731
     return TrialRecord(trial, str(row.get("status")), str(row.get("reason") or ""), measure=part(MeasureResult),

@@ -122,7 +122,8 @@ def preflight(exp: Experiment) -> Preflight:
 
 def _preflight(exp: Experiment) -> Preflight:
     """`preflight` in a child process, so the driver never imports torch; in this process when torch
-    is already imported here (a notebook, a test run): the child would only import it again (~5 s)."""
+    is already imported here (a notebook, a test run): the child would only import it again (~5 s).
+    In this process, capturing the environment holds its C allocator steady (`suite.steady`)."""
     if "torch" in sys.modules:
         return preflight(exp)
     return call_in_child(preflight, exp)

@@ -250,8 +250,7 @@ class TwoNodes:
             procs = group(self.head_pgid)
             if not kill(procs, signal.SIGTERM, STOP_GRACE_S):
                 kill(procs, signal.SIGKILL, GONE_S)
-        leftovers = [p.pid for pgid in (self.head_pgid, self.node2 and self.node2.pid) if pgid
-                     for p in group(pgid)]
+        leftovers = self.pids()
         shutil.rmtree(self.root, ignore_errors=True)
         assert not leftovers, f"Ray processes left running: {leftovers}"
 
