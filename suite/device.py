@@ -120,13 +120,22 @@ def strict_fp32(device: str, precision: str) -> Iterator[None]:
 
 
 def tf32_enabled() -> bool:
-    """Whether fp32 matmuls may run at TF32 right now (either API)."""
+    """Whether fp32 matmuls (or cuDNN convolutions) may run at TF32 right now.
+
+    Where torch has the `fp32_precision` API (2.9+), only that API is read: once it has been set,
+    reading the legacy `allow_tf32` raises ("mix of the legacy and new APIs"), found on an H200.
+    """
     import torch
 
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision") and matmul.fp32_precision in ("tf32",):
-        return True
     conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and getattr(conv, "fp32_precision", None) == "tf32":
-        return True
+    if hasattr(matmul, "fp32_precision"):
+        if conv is not None and getattr(conv, "fp32_precision", None) == "tf32":
+            return True
+        precision = matmul.fp32_precision
+        if precision == "none":  # inherits the generic setting, then the matmul-precision default
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        if precision == "none":
+            return torch.get_float32_matmul_precision() != "highest"
+        return precision == "tf32"
     return bool(matmul.allow_tf32)

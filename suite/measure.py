@@ -344,6 +344,9 @@ def _measure(trial, tower, device: str, dtype, cache_dir) -> MeasureResult:
     from suite.tower import build_tower
 
     _warm_process(device, dtype)
+    if device == "cuda":  # blocks cached by earlier trials go back: allocations start as in a fresh process
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     built_here = tower is None
     if built_here:
         baseline = MemoryBaseline(device)  # before the weights exist
@@ -353,13 +356,15 @@ def _measure(trial, tower, device: str, dtype, cache_dir) -> MeasureResult:
     fields = _describe(tower)
     place(tower, device, trial.channels_last)  # compiling happens per phase
     infer_flops, train_flops = _count_flops(tower, trial, device, dtype, cache=built_here)
-    peak_tflops = device_peak_tflops(device, trial.precision, cache_dir=cache_dir)
 
     phases = {}
     with _state_kept(tower, keep=not built_here and trial.mode != "infer"):
         for phase in ("infer", "train"):
             if trial.mode in ("both", phase):
                 phases[phase] = _run_phase_fitting(phase, tower, trial, device, baseline)
+    # After the timed phases: measuring the peak (a first trial, an empty cache) runs large matmuls on
+    # every core, and a process whose timing came right after them measured low (test_resnet, CPU).
+    peak_tflops = device_peak_tflops(device, trial.precision, cache_dir=cache_dir)
     for phase, flops in (("infer", infer_flops), ("train", train_flops)):
         if phase in phases:
             fields.update(_phase_fields(phase, phases[phase], flops, peak_tflops, trial))

@@ -42,7 +42,8 @@ class LiveTensors(TorchDispatchMode):
 
     Storages are keyed by data pointer, so views and in-place results are counted once, and
     released through a weak-reference finalizer when torch frees them. Tensors that existed before
-    the mode (weights) are not counted: the caller adds them once.
+    the mode (weights) are not counted, nor are views of them (an output on an input's storage):
+    the caller adds them once.
 
     Every allocation is logged (size, when it was born and died, a kind the caller may `tag`), so
     the storages live at the peak can be told apart after the pass (`at_peak`) without copying the
@@ -68,12 +69,18 @@ class LiveTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = None  # storages of the op's inputs: an output on one of them is a view or in-place
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
             ptr, nbytes = storage.data_ptr(), storage.nbytes()
             if nbytes == 0 or ptr in self._by_ptr:
+                continue
+            if inputs is None:
+                inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                          if isinstance(a, torch.Tensor) and a.device.type != "meta"}
+            if ptr in inputs:  # e.g. `aten.t(weight)` in a Linear: the weight's storage, not a new one
                 continue
             self._clock += 1
             self._by_ptr[ptr] = len(self._allocs)

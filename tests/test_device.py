@@ -70,3 +70,24 @@ def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
         else:
             matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
     assert _tf32_state() == before
+
+
+def test_tf32_enabled_reads_after_a_legacy_flag_and_strict_fp32():
+    """Found on an H200 (torch 2.11): a user sets the legacy flag, strict_fp32 uses the new API, and
+    reading the legacy flag then raises. tf32_enabled must answer from the API that decides."""
+    from suite.device import tf32_enabled
+
+    matmul = torch.backends.cuda.matmul
+    before = _tf32_state()
+    try:
+        matmul.allow_tf32 = True
+        assert tf32_enabled() is True
+        with strict_fp32("cuda", "fp32"):
+            assert tf32_enabled() is False
+        assert tf32_enabled() is True
+        assert matmul.allow_tf32 is True  # the user's legacy setting is back and readable
+    finally:
+        if hasattr(matmul, "fp32_precision"):
+            matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+        else:
+            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -23,6 +23,18 @@ def test_live_tensors_count_storages_once_and_release_them():
     assert live.peak == 8 * MIB
 
 
+def test_views_of_tensors_made_before_the_pass_are_not_new_memory():
+    """A Linear's forward takes `aten.t(weight)`: a view on the weight's storage. Counting it as new
+    made every peak hold the Linear weights twice (found by the CUDA breakdown test on an H200)."""
+    layer = torch.nn.Linear(1024, 1024)  # a 4 MiB weight, made outside
+    x = torch.randn(4, 1024)
+    with LiveTensors() as live:
+        y = layer(x)
+        transposed = layer.weight.t()  # a view made inside the mode: still the weight's storage
+        assert live.peak == live.live == y.untyped_storage().nbytes() == 4 * 1024 * 4
+        assert transposed.untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
+
+
 def test_peak_does_not_depend_on_earlier_allocations():
     """The same pass gives the same peak after the process touched and freed a lot of memory."""
     def one_pass():

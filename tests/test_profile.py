@@ -40,3 +40,26 @@ def test_bad_arguments_are_input_errors(tmp_path):
         profile_trial(trial, tmp_path, phase="both")
     with pytest.raises(SuiteError, match="steps: 0"):
         profile_trial(trial, tmp_path, steps=0)
+
+
+def test_operator_table_counts_operators_only():
+    """As on the first H200 run: the step range, the optimizer's annotation and the kernels
+    themselves came in the key averages next to the operators and took the table over."""
+    from types import SimpleNamespace
+
+    from suite.profile import operator_table
+
+    def event(key, self_us, device_type="DeviceType.CPU", annotation=False):
+        return SimpleNamespace(key=key, count=3, self_device_time_total=self_us, device_time_total=self_us,
+                               device_type=device_type, is_user_annotation=annotation)
+
+    kernel = "void at::native::batch_norm_backward_kernel<" + "c10::BFloat16, " * 200 + ">"
+    table = operator_table([event("ProfilerStep*", 83_000, annotation=True),
+                            event("Optimizer.step#AdamW.step", 10_000, annotation=True),
+                            event("aten::convolution_backward", 6_000), event("aten::addmm", 2_000),
+                            event(kernel, 5_000, device_type="DeviceType.CUDA")],
+                           device_time=True, top=10, title="t")
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == ["aten::convolution_backward", "aten::addmm"]
+    assert "| 75.0% |" in rows[0] and "| 25.0% |" in rows[1]  # shares of the operators' time
+    assert all(len(line) < 200 for line in table.splitlines())

@@ -27,20 +27,21 @@ from suite.runner import run_trials  # noqa: E402
 FN = "trialfns:behave"
 
 
-def trials(*names: str) -> list:
-    return [Trial(model=n) for n in names]
+def trials(*names: str, device: str = "cpu") -> list:
+    """CPU trials by default: "auto" would mean the GPU on a CUDA machine (one GPU refuses two workers)."""
+    return [Trial(model=n, device=device) for n in names]
 
 
 def quiet_console() -> Console:
     return Console(file=io.StringIO(), width=200)
 
 
-def run(names, **kw):
+def run(names, device="cpu", **kw):
     kw.setdefault("fn", FN)
     kw.setdefault("env_fn", "trialfns:fake_env")
     kw.setdefault("progress", False)
     kw.setdefault("console", quiet_console())
-    return run_trials(trials(*names), **kw)
+    return run_trials(trials(*names, device=device), **kw)
 
 
 def pid_of(record) -> int:
@@ -107,7 +108,8 @@ def test_two_workers_run_in_parallel_and_return_each_trial_once():
 
 def test_one_gpu_per_worker(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
-    records = run(["slow1", "slow2", "slow3", "slow4"], workers=2, env_fn=None, fn_kwargs={"slow_s": 0.3})
+    records = run(["slow1", "slow2", "slow3", "slow4"], device="cuda", workers=2, env_fn=None,
+                  fn_kwargs={"slow_s": 0.3})
     cuda_of_pid = {}
     for r in records:
         cuda = r.reason.split()[1]
@@ -115,7 +117,7 @@ def test_one_gpu_per_worker(monkeypatch):
     assert sorted(cuda_of_pid.values()) == ["cuda=5", "cuda=7"]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"  # the driver's environment is restored
     with pytest.raises(SuiteError, match=r"workers=3 but only 2 CUDA GPU"):
-        run(["ok1"], workers=3)
+        run(["ok1"], device="cuda", workers=3)
 
 
 def test_interrupt_returns_finished_trials_and_ends_workers(tmp_path):

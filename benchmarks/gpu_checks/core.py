@@ -247,6 +247,23 @@ def sdpa_backend(name: str):
     return None if backend is None else sdpa_kernel(backend)
 
 
+def gpu_state() -> dict[str, str] | None:
+    """The card's temperature, clocks, power and clock-event (throttle) reasons now (nvidia-smi), or None."""
+    def query(fields: tuple[str, ...]) -> dict[str, str] | None:
+        try:
+            done = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
+                                   "--id=0"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        values = [v.strip() for v in done.stdout.strip().split(",")]
+        return dict(zip(fields, values)) if done.returncode == 0 and len(values) == len(fields) else None
+
+    state = query(("temperature.gpu", "clocks.sm", "clocks.mem", "power.draw"))
+    if state is not None:  # the reasons' field was renamed (driver 535+); either name, where known
+        state.update(query(("clocks_event_reasons.active",)) or query(("clocks_throttle_reasons.active",)) or {})
+    return state
+
+
 def gpu_event_rate(step: Callable, x, warmup: int, iters: int) -> float:
     """Samples/s of `step(x)` timed with one CUDA event pair around `iters` steps (no host sync inside)."""
     import torch

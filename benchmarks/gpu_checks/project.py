@@ -1,8 +1,8 @@
-"""The project on this machine: its test suite (sharded, in the background) and the GPU sweep with its report.
+"""The project on this machine: its test suite (in the background) and the GPU sweep with its report.
 
 The test suite runs in several pytest processes at once (pytest-xdist may not be installed): one for
-`-m gpu` over every file, the others for `-m "not gpu"` over a share of the files each. It starts in
-the background after the timing checks, so it never disturbs a timed figure.
+`-m gpu` over every file, the others for `-m "not gpu"`, one file each, from a queue (`TestQueue`).
+It starts in the background after the timing checks, so it never disturbs a timed figure.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -17,38 +18,99 @@ from pathlib import Path
 
 from gpu_checks.core import ROOT, Context, Result, child_env, rounded, skipped, time_cap, verdict
 
-SHARDS = 6  # CPU test processes besides the GPU one (each runs one torch thread: see tests/conftest.py)
 SWEEP_RESERVE_S = 150  # what the test suite leaves of the budget for the sweep after it
 TESTS_CAP_S = 240  # the `pytest` check's cap in gpu_check.py: the wait ends (and kills) before it
+# Files that ran longest on the first GPU machine (one torch thread each): started first, so the
+# slowest file is not the last to start. The rest go by size.
+SLOW_FIRST = ("test_steps.py", "test_sweep.py", "test_faults.py", "test_timing.py", "test_probe.py",
+              "test_weights.py", "test_execute.py", "test_tower_plan.py")
+# One BLAS thread per test process: N processes with a BLAS pool of all cores each starve the machine.
+SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _shards(files: list[Path], n: int) -> list[list[Path]]:
-    """Files split into `n` groups of similar total size (a proxy for run time)."""
-    groups: list[list[Path]] = [[] for _ in range(n)]
-    sizes = [0] * n
-    for f in sorted(files, key=lambda p: p.stat().st_size, reverse=True):
-        i = sizes.index(min(sizes))
-        groups[i].append(f)
-        sizes[i] += f.stat().st_size
-    return [g for g in groups if g]
+def test_order(files: list[Path]) -> list[Path]:
+    """The known-slow files first (in SLOW_FIRST's order), then the others largest first."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    return sorted(files, key=lambda f: (rank.get(f.name, len(rank)), -f.stat().st_size, f.name))
+
+
+class TestQueue:
+    """`pytest -m gpu` over every file, and `-m "not gpu"` one file per process, `slots` at a time.
+
+    A background thread starts the next file whenever a process ends, so an uneven file costs only
+    its own time (the first GPU run split files into fixed shards by size: one shard held the two
+    slowest files and the wait killed four shards). `stop()` kills what still runs.
+    """
+
+    def __init__(self, folder: Path, files: list[Path], slots: int, cuda: bool):
+        self.folder, self.slots = folder, slots
+        self.pending = [("gpu", "gpu", files)]
+        if cuda:
+            self.pending += [(f"cpu-{f.stem}", "not gpu", [f]) for f in test_order(files)]
+        self.running: dict[str, tuple] = {}
+        self.done: dict[str, dict] = {}
+        self.started = time.perf_counter()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> "TestQueue":
+        self._thread.start()
+        return self
+
+    def _launch(self, name: str, marker: str, group: list[Path]) -> None:
+        cmd = [sys.executable, "-m", "pytest", "-q", "-m", marker, "-p", "no:cacheprovider",
+               f"--junitxml={self.folder / (name + '.xml')}", *[str(f) for f in group]]
+        log = open(self.folder / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
+        env = {**child_env(), **SINGLE_THREADED}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.running[name] = (proc, log, time.perf_counter())
+
+    def _reap(self, name: str, rc) -> None:
+        proc, log, began = self.running.pop(name)
+        log.close()
+        self.done[name] = {"rc": rc, "wall_s": time.perf_counter() - began, **_junit(self.folder / f"{name}.xml")}
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                for name, (proc, _, _) in list(self.running.items()):
+                    if proc.poll() is not None:
+                        self._reap(name, proc.returncode)
+                while self.pending and len(self.running) < self.slots:
+                    self._launch(*self.pending.pop(0))
+                if not self.pending and not self.running:
+                    return
+            time.sleep(0.2)
+
+    def wait(self, timeout_s: float) -> dict[str, dict]:
+        """Wait up to `timeout_s` for every file; kill what still runs; results by name."""
+        self._thread.join(timeout=max(0.0, timeout_s))
+        self.stop()
+        return self.done
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            for name, (proc, _, _) in list(self.running.items()):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                self._reap(name, proc.returncode if proc.returncode is not None and proc.returncode >= 0
+                           else f"killed after {time.perf_counter() - self.started:.0f} s")
+            for name, _, _ in self.pending:
+                self.done[name] = {"rc": "not started (out of time)", "wall_s": 0.0, **_junit(Path("/nonexistent"))}
+            self.pending = []
 
 
 def start_tests(ctx: Context) -> None:
-    """Start the pytest processes (GPU marker only where there is no CUDA) and leave them running."""
+    """Start the test queue (GPU marker only where there is no CUDA) and leave it running."""
     folder = ctx.out / "pytest"
     folder.mkdir(parents=True, exist_ok=True)
     files = sorted((ROOT / "tests").glob("test_*.py"))
-    jobs = [("gpu", "gpu", files)]
-    if ctx.cuda:
-        n = max(1, min(SHARDS, (os.cpu_count() or 2) // 2))
-        jobs += [(f"cpu-{i}", "not gpu", group) for i, group in enumerate(_shards(files, n))]
-    procs = {}
-    for name, marker, group in jobs:
-        cmd = [sys.executable, "-m", "pytest", "-q", "-m", marker, "-p", "no:cacheprovider",
-               f"--junitxml={folder / (name + '.xml')}", *[str(f.relative_to(ROOT)) for f in group]]
-        log = open(folder / f"{name}.log", "w")  # noqa: SIM115 - closed when the job is collected
-        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT), log)
-    ctx.background["pytest"] = {"procs": procs, "started": time.perf_counter(), "folder": folder}
+    slots = max(1, min(10, (os.cpu_count() or 2) - 4))  # cores left for the checks running meanwhile
+    ctx.background["pytest"] = TestQueue(folder, files, slots, ctx.cuda).start()
 
 
 def _junit(path: Path) -> dict:
@@ -71,36 +133,16 @@ def _junit(path: Path) -> dict:
     return out
 
 
-def _collect(job: dict, timeout_s: float) -> dict[str, dict]:
-    """Wait for every pytest process (killing those past `timeout_s`); their results by name."""
-    deadline = time.perf_counter() + timeout_s
-    results = {}
-    try:
-        for name, (proc, log) in job["procs"].items():
-            try:
-                rc = proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                rc = f"killed after {time.perf_counter() - job['started']:.0f} s"
-            log.close()
-            results[name] = {"rc": rc, **_junit(job["folder"] / f"{name}.xml")}
-    finally:  # even when the check's own cap interrupts the wait: no test process outlives the check
-        for proc, log in job["procs"].values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    return results
-
-
 def check_tests(ctx: Context) -> Result:
     """`pytest -m gpu` passes (at least one GPU test really ran), and so does every other test here."""
     if "pytest" not in ctx.background:
         start_tests(ctx)
-    job = ctx.background.pop("pytest")
+    queue = ctx.background.pop("pytest")
     reserve = SWEEP_RESERVE_S if "sweep" in ctx.selected else 0
-    results = _collect(job, timeout_s=max(10.0, min(TESTS_CAP_S - 10, ctx.remaining() - reserve - 10)))
+    try:
+        results = queue.wait(timeout_s=max(10.0, min(TESTS_CAP_S - 10, ctx.remaining() - reserve - 10)))
+    finally:  # even when the check's own cap interrupts the wait: no test process outlives the check
+        queue.stop()
     total = {k: sum(r[k] for r in results.values()) for k in ("tests", "failures", "errors", "skipped")}
     failed = [f for r in results.values() for f in r["failed"]]
     reasons = sum((r["skip_reasons"] for r in results.values()), Counter())
@@ -108,8 +150,9 @@ def check_tests(ctx: Context) -> Result:
     gpu = results["gpu"]
     gpu_ran = gpu["tests"] - gpu["skipped"]
     figures = {"total": total, "gpu_tests_run": gpu_ran, "failed": failed[:50], "bad_exit_codes": bad_rc,
-               "skip_reasons": dict(reasons.most_common(20)), "wall_s": time.perf_counter() - job["started"],
-               "shards": {n: {k: r[k] for k in ("rc", "tests", "failures", "errors", "skipped")} for n, r in results.items()}}
+               "skip_reasons": dict(reasons.most_common(20)), "wall_s": time.perf_counter() - queue.started,
+               "files": {n: {k: r[k] for k in ("rc", "wall_s", "tests", "failures", "errors", "skipped")}
+                         for n, r in results.items()}}
     figure = (f"{total['tests']} tests: {total['failures']} failed, {total['errors']} errors, {total['skipped']} skipped; "
               f"{gpu_ran} GPU tests ran")
     if not ctx.cuda:

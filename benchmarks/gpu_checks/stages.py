@@ -17,7 +17,7 @@ def check_compile(ctx: Context) -> Result:
 
     small = {"embed_dim": 64, "image_size": 96, "warmup": 2, "iters": 5, "compile": True}
     trials = [trial(model="test_vit", mode="infer", batch_size=8, **small),
-              trial(model="test_resnet", mode="both", precision="bf16", batch_size=8, **small),
+              trial(model="test_resnet", mode="infer", precision="bf16", batch_size=8, **small),
               trial(model="test_vit", mode="infer", batch_size=16, **small)]  # the same tower again, another batch
     rows, ok = [], True
     for t in trials:
@@ -62,7 +62,7 @@ def check_fp16(ctx: Context) -> Result:
     from suite.steps import train_step_fn
     from suite.tower import build_tower
 
-    t = trial(model="resnet50", precision="fp16", channels_last=True, mode="train", batch_size=64, warmup=3, iters=10)
+    t = trial(model="resnet50", precision="fp16", channels_last=True, mode="train", batch_size=64, warmup=3, iters=5)
     r = measure(t, cache_dir=ctx.cache_dir / "roofline")
     # The same step counted by hand: skips in warm-up apart from skips in the timed window.
     torch.manual_seed(0)
@@ -94,16 +94,15 @@ def check_probe(ctx: Context) -> Result:
     cpu = probe_trial(t, device="cpu", use_cache=False)
     gpu = probe_trial(t, device="cuda", cache_dir=folder)  # extracts, stores the features
     refit = probe_trial(t, device="cuda", cache_dir=folder)  # the same features: a second fit
-    fresh = probe_trial(t, device="cuda", use_cache=False)  # extracts again
     pick = lambda r: {k: getattr(r, k) for k in PROBE_FIELDS}  # noqa: E731
-    figures = {"cpu": pick(cpu), "gpu": pick(gpu), "gpu_refit": pick(refit), "gpu_fresh_extraction": pick(fresh),
-               "refit_cache_hit": refit.probe_cache_hit, "gpu_extract_samples_per_sec": gpu.probe_extract_samples_per_sec}
+    figures = {"cpu": pick(cpu), "gpu": pick(gpu), "gpu_refit": pick(refit), "refit_cache_hit": refit.probe_cache_hit,
+               "gpu_extract_samples_per_sec": gpu.probe_extract_samples_per_sec,
+               "cpu_extract_samples_per_sec": cpu.probe_extract_samples_per_sec}
     diff = abs(gpu.probe_top1 - cpu.probe_top1)
     same = pick(gpu) == pick(refit) and refit.probe_cache_hit
-    notes = [] if pick(fresh) == pick(gpu) else ["a fresh GPU extraction gave another fit (nondeterministic kernels)"]
     return verdict(diff <= 1.0 and same, f"top-1 GPU {gpu.probe_top1:.2f} vs CPU {cpu.probe_top1:.2f} "
                                          f"(|diff| {diff:.2f} <= 1); two GPU fits {'identical' if same else 'DIFFER'}",
-                   rounded(figures), notes)
+                   rounded(figures))
 
 
 def _trace_kernels(folder) -> tuple[int, int]:

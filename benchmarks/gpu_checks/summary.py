@@ -47,7 +47,7 @@ def write_markdown(path: Path, header: dict, rows: list[dict]) -> None:
         f"torch {env.get('env_torch')} · timm {env.get('env_timm')} · CUDA {env.get('env_cuda')} · "
         f"cuDNN {env.get('env_cudnn')} · driver {env.get('env_driver')} · commit {env.get('env_git_commit')}",
         "",
-        "Command: `PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_check.py --out DIR`. Every figure is in "
+        f"Command: `python3 benchmarks/gpu_check.py {' '.join(header.get('argv') or ['--out', 'DIR'])}`. Every figure is in "
         "`gpu_check.json`; the sweep's report is under `reports/` (copy it to the repository's `reports/`).",
         "",
         "| check | status | figure | criterion | s |",
@@ -56,6 +56,8 @@ def write_markdown(path: Path, header: dict, rows: list[dict]) -> None:
     for r in rows:
         lines.append(f"| {r['name']} | **{r['status']}** | {_cell(r['figure'])} | {_cell(r['criterion'])} | "
                      f"{r['elapsed_s']:.1f} |")
+    if header.get("not_yet_run"):
+        lines += ["", f"Not run yet (the run was still going or was cut short): {', '.join(header['not_yet_run'])}"]
     details = [r for r in rows if r["notes"] or r["error"]]
     if details:
         lines += ["", "## Notes", ""]

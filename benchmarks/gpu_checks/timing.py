@@ -12,7 +12,8 @@ import dataclasses
 import statistics
 import time
 
-from gpu_checks.core import Context, Result, gpu_event_rate, ratio, rounded, run_child, trial, verdict, within
+from gpu_checks.core import (Context, Result, gpu_event_rate, gpu_state, ratio, rounded, run_child, trial, verdict,
+                             within)
 
 MODELS = {"resnet50": {"pool": "avg"}, "vit_base_patch16_224": {"pool": "token"}}
 
@@ -45,8 +46,12 @@ def hand_step(tower, phase: str):
     return train
 
 
-def timm_loop(tower, phase: str, batch_size: int, warmup: int = 10, iters: int = 20) -> float:
-    """timm benchmark.py's harness: cudnn.benchmark, warm-up, sync after each step, samples / loop wall time."""
+def timm_loop(tower, phase: str, batch_size: int, warmup: int = 10, iters: int = 20, sync_each_step: bool = True) -> float:
+    """timm benchmark.py's harness: cudnn.benchmark, warm-up, sync after each step, samples / loop wall time.
+
+    With `sync_each_step=False` the same loop syncs once, at its end: the difference between the two
+    is what timm's per-step host sync costs (the GPU idles while the host queues the next step).
+    """
     import torch
 
     torch.backends.cudnn.benchmark = True
@@ -60,7 +65,9 @@ def timm_loop(tower, phase: str, batch_size: int, warmup: int = 10, iters: int =
         t0 = time.perf_counter()
         for _ in range(iters):
             step(x)
-            torch.cuda.synchronize()
+            if sync_each_step:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
     return batch_size * iters / elapsed
 
@@ -113,53 +120,84 @@ def check_fidelity(ctx: Context) -> Result:
 
 
 def check_cold_warm(ctx: Context) -> Result:
-    """The same trial cold (first measurement of a fresh process) and warm (after other trials here)."""
+    """The same trial cold (first measurement of a fresh process) and warm (after other trials here).
+
+    Cold, warm, cold again: if the two cold figures differ, the card drifted (clocks, temperature),
+    which is not the process's history; the card's clocks and temperature are recorded around each.
+    The first H200 run (cold then warm only) had train warm/cold 0.936.
+    """
     from suite.measure import measure
 
-    t = trial(model="resnet50", precision="bf16", channels_last=True, batch_size=128, warmup=5, iters=20)
-    cold = run_child(ctx, "measure", {"trial": dataclasses.asdict(t), "cache_dir": str(ctx.cache_dir / "roofline")},
-                     timeout_s=max(30.0, ctx.remaining() - 60))
-    warm = dataclasses.asdict(measure(t, cache_dir=ctx.cache_dir / "roofline"))
-    figures = {"trial": t.label, "earlier_trials_in_this_process": len(ctx.memo)}
+    t = trial(model="resnet50", precision="bf16", channels_last=True, batch_size=128, warmup=5, iters=10)
+    args = {"trial": dataclasses.asdict(t), "cache_dir": str(ctx.cache_dir / "roofline")}
+    runs, card = {}, {}
+    for name in ("cold", "warm", "cold_again"):
+        card[f"before_{name}"] = gpu_state()
+        if name == "warm":
+            runs[name] = dataclasses.asdict(measure(t, cache_dir=ctx.cache_dir / "roofline"))
+        else:
+            runs[name] = run_child(ctx, "measure", args, timeout_s=max(30.0, ctx.remaining() - 30))
+    card["after"] = gpu_state()
+    figures = {"trial": t.label, "earlier_trials_in_this_process": len(ctx.memo), "card": card}
     ok = True
     for phase in ("infer", "train"):
         key = f"{phase}_samples_per_sec"
-        r = ratio(warm[key], cold[key])
-        figures[phase] = {"cold": cold[key], "warm": warm[key], "warm_over_cold": r,
-                          "warmup_steps": [cold[f"{phase}_warmup_steps"], warm[f"{phase}_warmup_steps"]]}
+        cold = statistics.mean([runs["cold"][key], runs["cold_again"][key]])
+        r = ratio(runs["warm"][key], cold)
+        figures[phase] = {**{n: runs[n][key] for n in runs}, "warm_over_cold": r,
+                          "cold_again_over_cold": ratio(runs["cold_again"][key], runs["cold"][key]),
+                          "warmup_steps": [runs[n][f"{phase}_warmup_steps"] for n in runs],
+                          "timed_rounds": [runs[n][f"{phase}_timed_rounds"] for n in runs]}
         ok &= within(r, 0.02)
-    figure = ", ".join(f"{p} warm/cold {figures[p]['warm_over_cold']:.3f}" for p in ("infer", "train")) + " (±2%)"
+    figure = ", ".join(f"{p} warm/cold {figures[p]['warm_over_cold']:.3f} (cold again/cold "
+                       f"{figures[p]['cold_again_over_cold']:.3f})" for p in ("infer", "train")) + " (±2%)"
     return verdict(ok, figure, rounded(figures))
 
 
 def check_timm_side_by_side(ctx: Context) -> Result:
-    """resnet50 and vit_base, bf16, batch 256, infer and train: suite vs timm benchmark.py's harness."""
+    """resnet50 and vit_base, bf16, batch 256, infer and train: suite vs timm benchmark.py's harness.
+
+    A ratio past ±3% counts as explained when the suite is within ±3% of the same loop without the
+    per-step host sync: timm's harness then pays for its sync (first H200 run: vit_base infer 1.048).
+    """
     import torch
 
-    rows, ok = {}, True
+    rows, ok, explained = {}, True, []
     for model, kw in MODELS.items():
         tower = None
         for phase in ("infer", "train"):
-            t = trial(model=model, precision="bf16", batch_size=256, mode=phase, warmup=5, iters=20, **kw)
+            t = trial(model=model, precision="bf16", batch_size=256, mode=phase, warmup=5, iters=10, **kw)
             if tower is None:
                 tower = _built(t)
             saved = torch.backends.cudnn.benchmark
             suite = measured(ctx, t, tower)[f"{phase}_samples_per_sec"]
             timm = timm_loop(tower, phase, 256)
+            unsynced = timm_loop(tower, phase, 256, warmup=3, sync_each_step=False)
             torch.backends.cudnn.benchmark = saved
-            rows[f"{model} {phase}"] = {"suite": suite, "timm_style": timm, "ratio": suite / timm}
-            ok &= within(suite / timm, 0.03)
+            key = f"{model} {phase}"
+            rows[key] = {"suite": suite, "timm_style": timm, "ratio": suite / timm, "timm_style_one_sync": unsynced,
+                         "ratio_one_sync": suite / unsynced, "per_step_sync_cost": unsynced / timm - 1}
+            if not within(suite / timm, 0.03):
+                if within(suite / unsynced, 0.03):
+                    explained.append(f"{key}: suite/timm-style {suite / timm:.3f}, but suite / the same loop "
+                                     f"synced once {suite / unsynced:.3f}: timm's per-step host sync costs "
+                                     f"{unsynced / timm - 1:+.1%} here")
+                else:
+                    ok = False
         del tower
     figure = ", ".join(f"{k} {v['ratio']:.3f}" for k, v in rows.items()) + " (suite/timm-style, ±3%)"
+    if explained:
+        figure += f"; {len(explained)} explained by timm's per-step sync"
     notes = ["timm-style loop: warm-up 10, 20 steps, host sync after each step, samples over the loop's wall "
-             "time; same tower and step computation as the suite (timm's script would use SGD + CE on its head)"]
+             "time; same tower and step computation as the suite (timm's script would use SGD + CE on its head)",
+             *explained]
     return verdict(ok, figure, rounded(rows), notes)
 
 
 def check_mfu(ctx: Context) -> Result:
     """MFU of vit_base_patch16_224, bf16 inference, batch 256, between 0.2 and 0.95."""
     t = trial(model="vit_base_patch16_224", pool="token", precision="bf16", batch_size=256, mode="infer",
-              warmup=5, iters=20)
+              warmup=5, iters=10)  # the timm check's trial: measured once for both
     r = measured(ctx, t)
     mfu = r["infer_mfu"]
     figures = {k: r[k] for k in ("infer_mfu", "infer_tflops", "device_peak_tflops", "infer_samples_per_sec",
