@@ -8,6 +8,8 @@
    - cold: the first measurement of a fresh process (as `suite bench` does), mode both, infer, train;
    - warm: after other trials in the same process (as the 20th trial of a sweep worker);
    reported as each phase's samples/s per case and the max/min spread over all of them. Target <= 1.05x.
+   Next to it, the machine's floor: the bare hand loop alone in as many fresh processes, run between
+   the suite's (on this 2-core VM it alone spreads 1.08-1.14x on test_resnet).
 2. Fidelity: `measure()` against a minimal hand-written loop as lean as timm's `benchmark.py`
    (perf_counter around each step, nothing else per step), in the same process and steady state,
    alternated round by round; ratio suite / hand loop per phase. Target >= 0.97.
@@ -102,6 +104,8 @@ def child(args) -> dict:
         return _measure(_trial(args, "both"), cache_dir)
     if case == "fidelity":
         return fidelity(args, cache_dir)
+    if case == "floor":
+        return floor(args)
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -123,6 +127,22 @@ def fidelity(args, cache_dir: str) -> dict:
             hand = hand_loop(tower, x, max(args.warmup, 10), args.iters, train=phase == "train")
             ratios[phase].append(ours / hand)
     return {phase: statistics.median(v) for phase, v in ratios.items()} | {"rounds": ratios}
+
+
+def floor(args) -> dict:
+    """The machine's own floor: the bare hand loop (no suite code in the loop), in this fresh process,
+    as many steps as two of the suite's rounds. Its spread over processes is what no harness can beat."""
+    import torch
+
+    from suite.steps import make_inputs
+    from suite.tower import build_tower
+
+    trial = _trial(args, "both")
+    torch.manual_seed(0)
+    tower = build_tower(trial)
+    x = make_inputs(trial, "cpu", trial.batch_size)
+    return {phase: hand_loop(tower, x, max(args.warmup, 10), 2 * args.iters, train=phase == "train")
+            for phase in ("infer", "train")}
 
 
 def run_case(args, case: str) -> dict:
@@ -154,19 +174,29 @@ def main() -> None:
         return
     print(f"{args.model} {args.image_size}px batch {args.batch_size} fp32 cpu, warmup>={args.warmup}, "
           f"iters {args.iters}, allocator {args.allocator}, {args.repeats} fresh processes per case")
+    cases = ("cold-both", "cold-infer", "cold-train", "warm")
+    rows: dict[str, list[dict]] = {case: [] for case in (*cases, "floor")}
+    for _ in range(args.repeats):  # round-robin, with a bare-loop process after each cold one: the
+        for case in cases:  # suite's cases and the floor meet the same episodes of the machine
+            rows[case].append(run_case(args, case))
+            if case != "warm":
+                rows["floor"].append(run_case(args, "floor"))
     values: dict[str, list[float]] = {"infer": [], "train": []}
-    for case in ("cold-both", "cold-infer", "cold-train", "warm"):
-        rows = [run_case(args, case) for _ in range(args.repeats)]
+    for case in cases:
         for phase in values:
-            got = [r[phase] for r in rows if r[phase] is not None]
+            got = [r[phase] for r in rows[case] if r[phase] is not None]
             values[phase] += got
             if got:
                 print(f"  {case:11s} {phase:5s} samples/s: {', '.join(f'{v:,.1f}' for v in got)}")
-        print(f"  {case:11s} warm-up steps (infer, train): {[r['warmup_steps'] for r in rows]}; "
-              f"overhead {statistics.median(r['overhead_s'] for r in rows):.2f} s")
+        print(f"  {case:11s} warm-up steps (infer, train): {[r['warmup_steps'] for r in rows[case]]}; "
+              f"overhead {statistics.median(r['overhead_s'] for r in rows[case]):.2f} s")
+    for phase in values:
+        print(f"  {'bare loop':11s} {phase:5s} samples/s: {', '.join(f'{r[phase]:,.1f}' for r in rows['floor'])}")
     for phase, got in values.items():
+        bare = [r[phase] for r in rows["floor"]]
         print(f"history independence, {phase}: spread max/min = {max(got) / min(got):.3f}x over "
-              f"{len(got)} measurements (target <= 1.05x)")
+              f"{len(got)} measurements (target <= 1.05x); the bare loop in {len(bare)} fresh processes "
+              f"between them: {max(bare) / min(bare):.3f}x (this machine's floor)")
     fid = run_case(args, "fidelity")
     for phase in ("infer", "train"):
         rounds = ", ".join(f"{r:.3f}" for r in fid["rounds"][phase])
