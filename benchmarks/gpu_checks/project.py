@@ -24,8 +24,9 @@ TESTS_CAP_S = 240  # the `pytest` check's cap in gpu_check.py: the wait ends (an
 # slowest file is not the last to start. The rest go by size.
 SLOW_FIRST = ("test_steps.py", "test_sweep.py", "test_faults.py", "test_timing.py", "test_probe.py",
               "test_weights.py", "test_execute.py", "test_tower_plan.py")
-# One BLAS thread per test process: N processes with a BLAS pool of all cores each starve the machine.
-SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# One BLAS thread and one inductor compile worker per test process: N processes with pools of all
+# cores each starve the machine (and the checks running beside them).
+SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
 
 
 def test_order(files: list[Path]) -> list[Path]:

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 from gpu_checks.core import Context, Result, rounded, run_child, skipped, trial, verdict
 
+# torch threads for the CPU parts of untimed checks (4 on 16 cores): the test queue holds the other cores
+CPU_CHECK_THREADS = max(1, min(4, (os.cpu_count() or 2) // 4))
 PROBE_FIELDS = ("probe_top1", "probe_top5", "probe_balanced_accuracy", "probe_C", "probe_val_top1", "probe_solver")
 
 
@@ -91,7 +96,8 @@ def check_probe(ctx: Context) -> Result:
 
     t = trial(model="resnet18", image_size=64, embed_dim=128, dataset="digits", probe_batch_size=256)
     folder = ctx.cache_dir / "probe-check"
-    cpu = probe_trial(t, device="cpu", use_cache=False)
+    with cpu_threads(CPU_CHECK_THREADS):  # the test suite runs beside this check
+        cpu = probe_trial(t, device="cpu", use_cache=False)
     gpu = probe_trial(t, device="cuda", cache_dir=folder)  # extracts, stores the features
     refit = probe_trial(t, device="cuda", cache_dir=folder)  # the same features: a second fit
     pick = lambda r: {k: getattr(r, k) for k in PROBE_FIELDS}  # noqa: E731
@@ -103,6 +109,19 @@ def check_probe(ctx: Context) -> Result:
     return verdict(diff <= 1.0 and same, f"top-1 GPU {gpu.probe_top1:.2f} vs CPU {cpu.probe_top1:.2f} "
                                          f"(|diff| {diff:.2f} <= 1); two GPU fits {'identical' if same else 'DIFFER'}",
                    rounded(figures))
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` inside the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _trace_kernels(folder) -> tuple[int, int]:
@@ -150,6 +169,7 @@ def cpu_trial_child(cache_dir: str) -> dict:
     from suite.execute import run_trial
     from suite.options import Trial
 
+    torch.set_num_threads(CPU_CHECK_THREADS)  # the test suite runs beside this check
     t = Trial(model="test_resnet", device="cpu", image_size=32, embed_dim=32, batch_size=2, warmup=1, iters=2,
               mode="infer", dataset="digits", max_per_class=10)
     record = run_trial(t, cache_dir=cache_dir)
