@@ -168,8 +168,9 @@ def main(argv=None) -> int:
     started_at = time.time()
     print(f"gpu_check: {'CUDA: ' + torch.cuda.get_device_name() if ctx.cuda else 'no CUDA here: GPU checks SKIP'}"
           f" · torch {torch.__version__} · budget {args.budget_s:.0f} s · out {args.out}", flush=True)
-    rows = run_all(ctx, checks, save=lambda rows: save_results(args, ctx, started_at, rows))
-    header = save_results(args, ctx, started_at, rows)
+    headers = []  # saved after every check; once more only when no check ran
+    rows = run_all(ctx, checks, save=lambda rows: headers.append(save_results(args, ctx, started_at, rows)))
+    header = headers[-1] if headers else save_results(args, ctx, started_at, rows)
     print(f"{header['verdict']}: {header['counts']} in {ctx.elapsed():.0f} s -> {args.out / 'gpu_check.md'}"
           + (f" (all of it in {args.bundle})" if args.bundle else ""))
     return 1 if header["verdict"] == "FAIL" else 0

@@ -344,9 +344,6 @@ def _measure(trial, tower, device: str, dtype, cache_dir) -> MeasureResult:
     from suite.tower import build_tower
 
     _warm_process(device, dtype)
-    if device == "cuda":  # blocks cached by earlier trials go back: allocations start as in a fresh process
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
     built_here = tower is None
     if built_here:
         baseline = MemoryBaseline(device)  # before the weights exist

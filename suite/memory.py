@@ -196,6 +196,8 @@ class MemoryBaseline:
     def __init__(self, device: str, weights_mib: float = 0.0):
         self.device = device
         settle(device)
+        if device == "cuda":  # blocks cached by earlier trials go back: a trial starts as in a fresh process
+            torch.cuda.empty_cache()
         self.cuda_mib = torch.cuda.memory_allocated() / MIB - weights_mib if device == "cuda" else 0.0
 
     @property

@@ -44,6 +44,15 @@ def _tf32_state():
     return matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
 
+def _set_tf32_state(state) -> None:
+    """Put back what `_tf32_state` returned, through the same API."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = state
+    else:
+        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = state
+
+
 def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
     """cuDNN allows TF32 by default; "fp32" trials must not silently run at TF32 (either flag API)."""
     before = _tf32_state()
@@ -64,11 +73,7 @@ def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
         with strict_fp32("cpu", "fp32"):
             assert _tf32_state()[1] in (True, "tf32")  # nothing to do on CPU
     finally:
-        matmul = torch.backends.cuda.matmul
-        if hasattr(matmul, "fp32_precision"):
-            matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
-        else:
-            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        _set_tf32_state(before)
     assert _tf32_state() == before
 
 
@@ -87,7 +92,4 @@ def test_tf32_enabled_reads_after_a_legacy_flag_and_strict_fp32():
         assert tf32_enabled() is True
         assert matmul.allow_tf32 is True  # the user's legacy setting is back and readable
     finally:
-        if hasattr(matmul, "fp32_precision"):
-            matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
-        else:
-            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        _set_tf32_state(before)

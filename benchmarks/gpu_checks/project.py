@@ -85,9 +85,12 @@ class TestQueue:
             time.sleep(0.2)
 
     def wait(self, timeout_s: float) -> dict[str, dict]:
-        """Wait up to `timeout_s` for every file; kill what still runs; results by name."""
-        self._thread.join(timeout=max(0.0, timeout_s))
-        self.stop()
+        """Wait up to `timeout_s` for every file; kill what still runs (also when the wait itself is
+        interrupted: no test process outlives it); results by name."""
+        try:
+            self._thread.join(timeout=max(0.0, timeout_s))
+        finally:
+            self.stop()
         return self.done
 
     def stop(self) -> None:
@@ -95,13 +98,15 @@ class TestQueue:
         self._thread.join(timeout=5)
         with self._lock:
             for name, (proc, _, _) in list(self.running.items()):
-                if proc.poll() is None:
+                rc = proc.poll()
+                if rc is None:
                     proc.kill()
                     proc.wait()
-                self._reap(name, proc.returncode if proc.returncode is not None and proc.returncode >= 0
-                           else f"killed after {time.perf_counter() - self.started:.0f} s")
-            for name, _, _ in self.pending:
-                self.done[name] = {"rc": "not started (out of time)", "wall_s": 0.0, **_junit(Path("/nonexistent"))}
+                    rc = f"killed after {time.perf_counter() - self.started:.0f} s"
+                self._reap(name, rc)
+            for name, _, _ in self.pending:  # no junit file: zero counts
+                self.done[name] = {"rc": "not started (out of time)", "wall_s": 0.0,
+                                   **_junit(self.folder / f"{name}.xml")}
             self.pending = []
 
 
@@ -140,10 +145,7 @@ def check_tests(ctx: Context) -> Result:
         start_tests(ctx)
     queue = ctx.background.pop("pytest")
     reserve = SWEEP_RESERVE_S if "sweep" in ctx.selected else 0
-    try:
-        results = queue.wait(timeout_s=max(10.0, min(TESTS_CAP_S - 10, ctx.remaining() - reserve - 10)))
-    finally:  # even when the check's own cap interrupts the wait: no test process outlives the check
-        queue.stop()
+    results = queue.wait(timeout_s=max(10.0, min(TESTS_CAP_S - 10, ctx.remaining() - reserve - 10)))
     total = {k: sum(r[k] for r in results.values()) for k in ("tests", "failures", "errors", "skipped")}
     failed = [f for r in results.values() for f in r["failed"]]
     reasons = sum((r["skip_reasons"] for r in results.values()), Counter())
