@@ -1,6 +1,7 @@
 """The CLI is derived from the schema: every option has its flag, parsed to the option's type."""
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -59,6 +60,17 @@ def test_unknown_model_is_bad_input():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "'resnet5O' is not a timm model; did you mean 'resnet50'" in proc.stderr
+
+
+def test_every_command_help_renders():
+    """argparse %-formats help text: an option help with a bare % ("within 5%") crashed `suite bench --help`."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"run", "bench", "probe", "compare", "profile"} <= set(commands)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "--" in text, name
+    assert "two agree within 5%)" in commands["bench"].format_help()
 
 
 def test_all_options_documented():
