@@ -3,13 +3,17 @@
     python benchmarks/bench_measure.py                                   # test_resnet 96 px batch 16, CPU
     python benchmarks/bench_measure.py --model resnet18 --image-size 224
     python benchmarks/bench_measure.py --allocator default              # as before the fix, for comparison
+    python benchmarks/bench_measure.py --min-time-s 3                   # rounds of 3 s: below the machine's wander
 
 1. History independence: the same trial measured
    - cold: the first measurement of a fresh process (as `suite bench` does), mode both, infer, train;
    - warm: after other trials in the same process (as the 20th trial of a sweep worker);
    reported as each phase's samples/s per case and the max/min spread over all of them. Target <= 1.05x.
    Next to it, the machine's floor: the bare hand loop alone in as many fresh processes, run between
-   the suite's (on this 2-core VM it alone spreads 1.08-1.14x on test_resnet).
+   the suite's (on this 2-core VM it alone spreads 1.06-1.14x on test_resnet). And the history effect
+   itself: the max/min of the per-case medians (a case that history moves stands apart from the rest).
+   The VM's speed wanders on a scale of seconds (one process, the same loop: windows of 20 steps
+   1.15x apart, of 1,000 steps 1.04x), so `--min-time-s` lengthens every round to average it.
 2. Fidelity: `measure()` against a minimal hand-written loop as lean as timm's `benchmark.py`
    (perf_counter around each step, nothing else per step), in the same process and steady state,
    alternated round by round; ratio suite / hand loop per phase. Target >= 0.97.
@@ -36,7 +40,7 @@ def _trial(args, mode: str):
     from suite.options import Trial
 
     return Trial(model=args.model, image_size=args.image_size, batch_size=args.batch_size, embed_dim=args.embed_dim,
-                 device="cpu", mode=mode, warmup=args.warmup, iters=args.iters)
+                 device="cpu", mode=mode, warmup=args.warmup, iters=args.iters, min_time_s=args.min_time_s)
 
 
 def _measure(trial, cache_dir: str) -> dict:
@@ -49,8 +53,11 @@ def _measure(trial, cache_dir: str) -> dict:
             "warmup_steps": [r.infer_warmup_steps, r.train_warmup_steps]}
 
 
-def hand_loop(tower, x, warmup: int, iters: int, train: bool) -> float:
-    """timm benchmark.py's loop: warm-up, then perf_counter around each step; samples/s over the loop."""
+def hand_loop(tower, x, warmup: int, iters: int, train: bool, min_time_s: float = 0.0) -> float:
+    """timm benchmark.py's loop: warm-up, then perf_counter around each step; samples/s over the loop.
+    With `min_time_s`, as many steps as last that long (sized from the last warm-up step) if more than `iters`."""
+    import math
+
     import torch
 
     from suite.steps import contrastive_loss
@@ -72,7 +79,10 @@ def hand_loop(tower, x, warmup: int, iters: int, train: bool) -> float:
             with torch.inference_mode():
                 tower(x)
     for _ in range(warmup):
+        t0 = time.perf_counter()
         step()
+    if min_time_s > 0:
+        iters = max(iters, math.ceil(min_time_s / (time.perf_counter() - t0)))
     total = 0.0
     for _ in range(iters):
         t0 = time.perf_counter()
@@ -124,7 +134,8 @@ def fidelity(args, cache_dir: str) -> dict:
     for _ in range(args.rounds):
         r = measure(trial, tower=tower, cache_dir=cache_dir)
         for phase, ours in (("infer", r.infer_samples_per_sec), ("train", r.train_samples_per_sec)):
-            hand = hand_loop(tower, x, max(args.warmup, 10), args.iters, train=phase == "train")
+            hand = hand_loop(tower, x, max(args.warmup, 10), args.iters, train=phase == "train",
+                             min_time_s=args.min_time_s)
             ratios[phase].append(ours / hand)
     return {phase: statistics.median(v) for phase, v in ratios.items()} | {"rounds": ratios}
 
@@ -141,7 +152,8 @@ def floor(args) -> dict:
     torch.manual_seed(0)
     tower = build_tower(trial)
     x = make_inputs(trial, "cpu", trial.batch_size)
-    return {phase: hand_loop(tower, x, max(args.warmup, 10), 2 * args.iters, train=phase == "train")
+    return {phase: hand_loop(tower, x, max(args.warmup, 10), 2 * args.iters, train=phase == "train",
+                             min_time_s=2 * args.min_time_s)
             for phase in ("infer", "train")}
 
 
@@ -162,6 +174,9 @@ def main() -> None:
     parser.add_argument("--embed-dim", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--min-time-s", type=float, default=0.0,
+                        help="each timed round lasts at least this long (the trial option min_time_s); the bare "
+                             "loop and the hand loop of the fidelity check are sized alike")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per case")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the fidelity check")
@@ -173,7 +188,7 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     print(f"{args.model} {args.image_size}px batch {args.batch_size} fp32 cpu, warmup>={args.warmup}, "
-          f"iters {args.iters}, allocator {args.allocator}, {args.repeats} fresh processes per case")
+          f"iters {args.iters}, min_time_s {args.min_time_s}, allocator {args.allocator}, {args.repeats} fresh processes per case")
     cases = ("cold-both", "cold-infer", "cold-train", "warm")
     rows: dict[str, list[dict]] = {case: [] for case in (*cases, "floor")}
     for _ in range(args.repeats):  # round-robin, with a bare-loop process after each cold one: the
@@ -197,6 +212,11 @@ def main() -> None:
         print(f"history independence, {phase}: spread max/min = {max(got) / min(got):.3f}x over "
               f"{len(got)} measurements (target <= 1.05x); the bare loop in {len(bare)} fresh processes "
               f"between them: {max(bare) / min(bare):.3f}x (this machine's floor)")
+        medians = {case: statistics.median(r[phase] for r in rows[case]) for case in cases
+                   if all(r[phase] is not None for r in rows[case])}
+        print(f"  history effect, {phase}: median per case " + ", ".join(f"{c} {m:,.1f}" for c, m in medians.items())
+              + f"; max/min {max(medians.values()) / min(medians.values()):.3f}x (a history effect would be a "
+              f"case apart from the others; the bare loop's median {statistics.median(bare):,.1f})")
     fid = run_case(args, "fidelity")
     for phase in ("infer", "train"):
         rounds = ", ".join(f"{r:.3f}" for r in fid["rounds"][phase])

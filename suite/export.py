@@ -125,7 +125,7 @@ def _benchmark(r, phase: str, axes: list[str]) -> dict[str, Any] | None:
     med /= 1000.0
     iqr = (num(get(r, f"{phase}_step_time_iqr")) or 0.0) / 1000.0
     q1, q3 = max(med - iqr / 2, 0.0), med + iqr / 2
-    rounds = int(num(get(r, "iters")) or 1)
+    rounds = int(num(get(r, f"{phase}_timed_steps")) or num(get(r, "iters")) or 1)
     label = trial_label(r, axes)
     return {
         "group": phase,

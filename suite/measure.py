@@ -85,7 +85,8 @@ def _run_phase(phase: str, tower, trial, device: str, batch_size: int, baseline:
     settle(device)
     step = step_fn(phase, tower, trial, device)
     t0 = time.perf_counter()
-    timing = time_steps(step, inputs, warmup=trial.warmup, iters=trial.iters, device=device)
+    timing = time_steps(step, inputs, warmup=trial.warmup, iters=trial.iters, device=device,
+                        min_time_s=trial.min_time_s)
     wall_s = time.perf_counter() - t0
     skipped = None
     if phase == "train":
@@ -306,6 +307,7 @@ def _phase_fields(phase: str, p: _Phase, flops: int, peak_tflops: float, trial) 
         f"{phase}_warmup_steps": p.timing.warmup_steps,
         f"{phase}_warmup_steady": p.timing.warmup_steady,
         f"{phase}_timed_rounds": p.timing.rounds,
+        f"{phase}_timed_steps": p.timing.steps,
         f"{phase}_timing_steady": p.timing.steady,
     }
 

@@ -170,6 +170,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("warmup", (int,), 5, "minimum untimed warm-up steps (warm-up then runs until the step time is steady)", "measure"),
     Option("iters", (int,), 20, "timed steps per round (at least two rounds, more until two agree within 5%)", "measure", minimum=1,
            why="at least one step must be timed"),
+    Option("min_time_s", (float,), 0.0,
+           "seconds a timed round lasts at least: fast steps get more than iters (sized from the warm-up's step "
+           "time); 0: exactly iters", "measure", hashed_at_default=False, why="seconds"),
     Option("noise_threshold", (float,), 0.1, "flag a timing whose IQR/median exceeds this", "measure", identity=False),
     Option("max_batch", (bool,), False, "also search the largest batch that fits mem_budget_mib (GPU: real OOMs)",
            "measure", hashed_at_default=False),
@@ -253,6 +256,7 @@ class Trial:
     mode: str = _default("mode")
     warmup: int = _default("warmup")
     iters: int = _default("iters")
+    min_time_s: float = _default("min_time_s")
     noise_threshold: float = _default("noise_threshold")
     max_batch: bool = _default("max_batch")
     mem_budget_mib: float | None = _default("mem_budget_mib")
@@ -285,7 +289,7 @@ class Trial:
 
 
 # Options a short label leaves out: how long or on what data it is measured, not what is measured.
-_UNLABELED = {"device", "mode", "warmup", "iters", "dataset", "root", "max_per_class", "knn", "seed", "skip_bad_images",
+_UNLABELED = {"device", "mode", "warmup", "iters", "min_time_s", "dataset", "root", "max_per_class", "knn", "seed", "skip_bad_images",
               "shots", "shot_seeds"}
 
 

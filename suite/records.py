@@ -42,7 +42,8 @@ class MeasureResult:
     infer_rss_growth_mib: float | None = None  # CPU: resident-set growth of the memory pass (secondary)
     infer_warmup_steps: int | None = None  # warm-up steps run: at least `warmup`, until the step time was steady
     infer_warmup_steady: bool | None = None  # False: warm-up hit its time limit before the step time settled
-    infer_timed_rounds: int | None = None  # rounds of `iters` timed steps run (at least 2; more while they disagreed)
+    infer_timed_rounds: int | None = None  # timed rounds run (at least 2; more while they disagreed)
+    infer_timed_steps: int | None = None  # timed steps in all rounds (`iters` per round, more under `min_time_s`)
     infer_timing_steady: bool | None = None  # False: no two timed rounds agreed within 5% (also flagged noisy)
     # training
     train_samples_per_sec: float | None = None
@@ -60,7 +61,8 @@ class MeasureResult:
     train_rss_growth_mib: float | None = None  # CPU: resident-set growth of the memory pass (secondary)
     train_warmup_steps: int | None = None  # warm-up steps run: at least `warmup`, until the step time was steady
     train_warmup_steady: bool | None = None  # False: warm-up hit its time limit before the step time settled
-    train_timed_rounds: int | None = None  # rounds of `iters` timed steps run (at least 2; more while they disagreed)
+    train_timed_rounds: int | None = None  # timed rounds run (at least 2; more while they disagreed)
+    train_timed_steps: int | None = None  # timed steps in all rounds (`iters` per round, more under `min_time_s`)
     train_timing_steady: bool | None = None  # False: no two timed rounds agreed within 5% (also flagged noisy)
     train_skipped_steps: int | None = None  # optimizer steps the fp16 gradient scaler skipped while timing
     # how it was measured

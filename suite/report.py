@@ -71,6 +71,8 @@ def _env_lines(rows: list) -> list[str]:
         return ", ".join(f"{label} {joined(n)}".strip() for label, n in pairs if joined(n) != "—")
 
     driver = joined("env_driver")
+    min_times = [v for v in _distinct(rows, "min_time_s") if v]
+    min_time = f", or as many as last {', '.join(map(str, min_times))} s (`min_time_s`)" if min_times else ""
     lines = [
         f"- **Device:** {joined('env_device')}" + (f" (driver {driver})" if driver != "—" else ""),
         "- **Software:** " + (some(("torch", "env_torch"), ("timm", "env_timm"), ("CUDA", "env_cuda"),
@@ -80,7 +82,7 @@ def _env_lines(rows: list) -> list[str]:
         f"- **Precision:** {joined('precision')}"
         + (f"; memory measured as {joined('mem_method')}" if joined("mem_method") != "—" else ""),
         f"- **Timing:** at least {joined('warmup')} warm-up steps (until the step time is steady), then rounds of "
-        f"{joined('iters')} timed steps per phase (at least two, until two agree within 5%); median step time "
+        f"{joined('iters')} timed steps per phase{min_time} (at least two, until two agree within 5%); median step time "
         f"over the agreeing rounds, ± is its IQR relative to the median, ⚠ marks IQR/median above "
         f"`noise_threshold` ({joined('noise_threshold')}) or rounds that never agreed",
     ]

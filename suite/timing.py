@@ -7,13 +7,19 @@ reports a mean over the timed loop. Here:
   (the median of the last `window` steps within `tolerance` of the window before it), bounded by
   `max_warmup_s`, so a first timed step never pays for lazy kernel loading, autotuning or
   allocator growth. How many warm-up steps ran is part of the result.
-- the timed loop runs in rounds of `iters` steps, at least `MIN_ROUNDS`, until the latest round's
+- the timed loop runs in rounds of `iters` steps (more where a round of `iters` steps would last less
+  than `min_time_s`: a fast step gets as many as fill that time, sized from the warm-up's step time),
+  at least `MIN_ROUNDS`, until the latest round's
   median agrees (within `tolerance`) with an earlier round's, at most `MAX_ROUNDS`. The figure is
   the median over the steps of the two agreeing rounds. A burst of other work on the machine (on a
   shared 2-core VM: a kernel thread, a neighbour) that slows one round for a few hundred
   milliseconds is then a round that agrees with nothing, not the trial's figure; a machine slow for
   the whole trial gives agreeing slow rounds, reported as they are. Rounds that never agree are
   reported over all their steps and marked `steady=False` (the record's `{phase}_timing_steady`).
+- why `min_time_s`: a shared machine's speed wanders on a scale of seconds (on the 2-core dev VM the
+  same loop in one process gives medians 1.15x apart over windows of 20 test_resnet steps, 0.3 s,
+  and 1.04x over windows of 1,000 steps, 13 s), so a round of a few hundred milliseconds samples one
+  moment of the machine. A round of a second or more averages that wander instead.
 - each timed step is timed on its own: on CUDA with an event pair per step and one synchronization
   after each round (no host sync inside a round, so the launch queue stays full as in training);
   on CPU with `perf_counter`.
@@ -22,6 +28,7 @@ reports a mean over the timed loop. Here:
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from contextlib import contextmanager
@@ -94,44 +101,56 @@ def steady(times_ms: list[float], window: int = WINDOW, tolerance: float = TOLER
 
 
 def warm_up(step: Callable, inputs: Any, *, warmup: int, device: str,
-            max_warmup_s: float = MAX_WARMUP_S) -> tuple[int, bool]:
-    """Run at least `warmup` steps, then until the step time is steady; return (steps run, steady)."""
+            max_warmup_s: float = MAX_WARMUP_S) -> tuple[int, bool, float]:
+    """Run at least `warmup` steps, then until the step time is steady.
+
+    Returns (steps run, steady, median ms of the last `WINDOW` steps).
+    """
     times: list[float] = []
     start = time.perf_counter()
     while True:
         times.append(_timed_once(step, inputs, device))
-        if len(times) >= warmup and steady(times):
-            return len(times), True
-        if len(times) >= warmup and time.perf_counter() - start > max_warmup_s:
-            return len(times), False
+        if len(times) >= warmup and (steady(times) or time.perf_counter() - start > max_warmup_s):
+            return len(times), steady(times), statistics.median(times[-WINDOW:])
 
 
-def time_steps(step: Callable, inputs: Any, *, warmup: int, iters: int, device: str,
+def round_steps(iters: int, min_time_s: float, step_ms: float) -> int:
+    """Steps in a timed round: `iters`, or more when `iters` steps of `step_ms` last under `min_time_s`."""
+    if min_time_s <= 0 or step_ms <= 0:
+        return iters
+    return max(iters, math.ceil(min_time_s * 1e3 / step_ms))
+
+
+def time_steps(step: Callable, inputs: Any, *, warmup: int, iters: int, device: str, min_time_s: float = 0.0,
                max_warmup_s: float = MAX_WARMUP_S, min_rounds: int = MIN_ROUNDS,
                max_rounds: int = MAX_ROUNDS, tolerance: float = TOLERANCE) -> Timing:
-    """Warm up (see `warm_up`), then time rounds of `iters` steps, each step on its own, until two agree.
+    """Warm up (see `warm_up`), then time rounds of `iters` steps (at least `min_time_s` long, see
+    `round_steps`), each step on its own, until two agree.
 
     Raises:
-        ValueError: `iters` < 1, `warmup` < 0 or `min_rounds` outside 1..`max_rounds`.
+        ValueError: `iters` < 1, `warmup` < 0, `min_time_s` < 0 or `min_rounds` outside 1..`max_rounds`.
     """
     if iters < 1:
         raise ValueError(f"iters={iters}: at least one timed iteration is needed")
+    if min_time_s < 0:
+        raise ValueError(f"min_time_s={min_time_s} must not be negative")
     if warmup < 0:
         raise ValueError(f"warmup={warmup} must not be negative")
     if not 1 <= min_rounds <= max_rounds:
         raise ValueError(f"min_rounds={min_rounds}, max_rounds={max_rounds}: need 1 <= min_rounds <= max_rounds")
     if device == "cuda":
         warmup = max(warmup, 1)  # the first CUDA step loads kernels and, with cudnn.benchmark, autotunes
-    warmup_steps, settled = warm_up(step, inputs, warmup=warmup, device=device, max_warmup_s=max_warmup_s)
+    warmup_steps, settled, step_ms = warm_up(step, inputs, warmup=warmup, device=device, max_warmup_s=max_warmup_s)
+    per_round = round_steps(iters, min_time_s, step_ms)
     rounds: list[list[float]] = []
     while True:
-        rounds.append(_timed_round(step, inputs, iters, device))
+        rounds.append(_timed_round(step, inputs, per_round, device))
         agreed = agreeing(rounds, tolerance) if min_rounds > 1 else rounds
         if (agreed is not None and len(rounds) >= min_rounds) or len(rounds) >= max_rounds:
             break
     chosen = agreed if agreed is not None else rounds
     return summarize([t for r in chosen for t in r], warmup_steps, settled, rounds=len(rounds),
-                     steady=agreed is not None, steps=iters * len(rounds))
+                     steady=agreed is not None, steps=per_round * len(rounds))
 
 
 def _timed_round(step: Callable, inputs: Any, iters: int, device: str) -> list[float]:

@@ -49,6 +49,7 @@ def test_record_fields_are_present_and_sane(resnet_both):
             value = getattr(r, f"{phase}_{name}")
             assert value is not None and value > 0, f"{phase}_{name}={value}"
         assert getattr(r, f"{phase}_warmup_steps") >= 1
+        assert getattr(r, f"{phase}_timed_steps") == QUICK["iters"] * getattr(r, f"{phase}_timed_rounds")
         assert getattr(r, f"{phase}_batch_size") == 4
         assert getattr(r, f"{phase}_img_size") == 64
         assert isinstance(getattr(r, f"{phase}_noisy"), bool)
@@ -72,8 +73,14 @@ def test_record_fields_are_present_and_sane(resnet_both):
 
 def test_mode_leaves_the_other_phase_empty(roofline):
     r = measure(trial(mode="infer", iters=1, warmup=0), cache_dir=roofline)
-    assert r.infer_samples_per_sec > 0
+    assert r.infer_samples_per_sec > 0 and r.infer_timed_steps == r.infer_timed_rounds  # one step a round
     assert all(v is None for k, v in dataclasses.asdict(r).items() if k.startswith("train_"))
+
+
+def test_min_time_s_lengthens_the_rounds_of_a_fast_step(roofline):
+    r = measure(trial(mode="infer", iters=2, min_time_s=0.2), cache_dir=roofline)
+    per_round = r.infer_timed_steps / r.infer_timed_rounds
+    assert per_round > 2 and per_round * r.infer_step_time >= 0.2e3 * 0.5  # sized from the warm-up's steps
 
 
 def test_a_callers_tower_is_given_back_as_it_came(roofline):

@@ -127,6 +127,12 @@ def test_several_environments_are_kept_apart():
     assert "| device |" in out.split("## All trials")[1]
 
 
+def test_timing_line_says_min_time_only_when_it_was_set(text):
+    assert "rounds of 20 timed steps per phase (at least two" in text
+    out = render(frame([make_record(min_time_s=1.5), make_record("test_resnet")]), {})
+    assert "rounds of 20 timed steps per phase, or as many as last 1.5 s (`min_time_s`) (at least two" in out
+
+
 def test_pretrained_weights_are_named():
     out = render(frame([make_record(pretrained="laion2b_s34b_b88k"), make_record("test_resnet", pretrained=True)]), {})
     assert "pretrained: `laion2b_s34b_b88k` (1 trial)" in out and "pretrained (timm default weights) (1 trial)" in out

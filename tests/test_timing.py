@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from suite.timing import steady, summarize, time_steps, warm_up
+from suite.timing import round_steps, steady, summarize, time_steps, warm_up
 
 
 def test_time_steps_runs_warmup_then_times_each_iteration():
@@ -43,8 +43,8 @@ def test_warm_up_continues_until_step_time_stops_drifting():
         calls.append(1)
         time.sleep(0.04 / len(calls) if len(calls) <= 10 else 0.002)
 
-    steps, settled = warm_up(step, None, warmup=2, device="cpu")
-    assert settled and steps >= 10  # still speeding up until then
+    steps, settled, recent_ms = warm_up(step, None, warmup=2, device="cpu")
+    assert settled and steps >= 10 and recent_ms < 10  # still speeding up until then
     timing = time_steps(step, None, warmup=0, iters=3, device="cpu")
     assert max(timing.times_ms) < 10  # no slow call was timed
 
@@ -56,7 +56,7 @@ def test_warm_up_is_bounded_by_its_time_limit():
         calls.append(1)
         time.sleep(2e-3 * 1.2 ** len(calls))  # 20% slower every call (far above sleep jitter): never steady
 
-    steps, settled = warm_up(drifting, None, warmup=1, device="cpu", max_warmup_s=0.3)
+    steps, settled, _ = warm_up(drifting, None, warmup=1, device="cpu", max_warmup_s=0.3)
     assert not settled and steps >= 2
 
 
@@ -84,3 +84,21 @@ def test_a_machine_slow_throughout_is_reported_slow_and_rounds_that_never_agree_
     drifting, _ = _scheduled(lambda n: 3.0 * 1.25 ** (n // 4))  # every round 25% slower than the last
     timing = time_steps(drifting, None, warmup=0, iters=4, device="cpu", max_warmup_s=0, max_rounds=4)
     assert timing.rounds == 4 and not timing.steady and len(timing.times_ms) == 16
+
+
+def test_round_steps_fill_min_time_with_fast_steps_and_never_go_below_iters():
+    assert round_steps(20, 0.0, 1.0) == 20  # off: exactly iters
+    assert round_steps(20, 1.0, 14.0) == 72  # 1 s of 14 ms steps
+    assert round_steps(20, 1.0, 100.0) == 20  # iters steps already last 2 s
+    assert round_steps(5, 1.0, 0.0) == 5  # no step time to size from
+
+
+def test_min_time_makes_each_round_last_at_least_that_long():
+    step, calls = _scheduled(lambda n: 2.0)
+    timing = time_steps(step, None, warmup=3, iters=3, device="cpu", min_time_s=0.06)
+    per_round = timing.steps // timing.rounds
+    assert timing.steps == per_round * timing.rounds and 3 < per_round <= 30  # sleep(2 ms) lasts >= 2 ms
+    assert per_round * timing.median_ms >= 0.06e3 * 0.8  # the round spans about min_time_s
+    assert len(calls) == timing.warmup_steps + timing.steps
+    with pytest.raises(ValueError, match="min_time_s=-1"):
+        time_steps(step, None, warmup=0, iters=1, device="cpu", min_time_s=-1)
