@@ -103,6 +103,10 @@ def test_bench_flags_give_the_trial_back():
     assert flags[:2] == ["--model", "test_resnet"] and "--grad-checkpointing" in flags and "--seed" not in flags
     back = trial_from_args(build_parser().parse_args(["bench", *flags]))
     assert back == t
+    # an integer given for a float option at its default (YAML `min_time_s: 0`) is the default: no flag
+    # an older baseline commit may not know
+    assert "--min-time-s" not in bench_flags(Trial(model="test_resnet", min_time_s=0))
+    assert bench_flags(Trial(model="test_resnet", min_time_s=1))[-2:] == ["--min-time-s", "1"]
 
 
 def test_export_commit_writes_the_commits_files_or_says_none(tmp_path):
