@@ -56,15 +56,15 @@ def add_option_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...], *
         flag = "--" + option.name.replace("_", "-")
         default = defaults.get(option.name, option.default)
         names = [flag, *option.cli]
-        text = option.help.replace("%", "%%")  # argparse formats help with %: "within 5%" would crash --help
+        help_text = option.help.replace("%", "%%")  # argparse %-formats help: "within 5%" crashed --help
         if option.types == (bool,):
             parser.add_argument(*names, dest=option.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=text)
+                                default=default, help=help_text)
             continue
-        kwargs = dict(dest=option.name, default=default, help=f"{text} (default: {default!r})",
+        kwargs = dict(dest=option.name, default=default, help=f"{help_text} (default: {default!r})",
                       type=lambda text, o=option: _parse_value(o, text))
         if option.name == "model":
-            kwargs.update(required=True, default=None, help=text)
+            kwargs.update(required=True, default=None, help=help_text)
         if option.choices:
             kwargs["choices"] = option.choices
             kwargs["metavar"] = "{" + ",".join(c or "''" for c in option.choices) + "}"

@@ -209,7 +209,7 @@ def _default(name: str) -> Any:
     return OPTION_BY_NAME[name].default
 
 
-def _canonical(option: Option, value: Any) -> Any:
+def canonical(option: Option, value: Any) -> Any:
     """`value` as hashed: an integer given for a float option (YAML `drop: 0`) counts as that float,
     so it names the same trial as `0.0` from the CLI or the default (the dataclass already equates them)."""
     if option.types == (float,) and isinstance(value, int) and not isinstance(value, bool):
@@ -275,7 +275,7 @@ class Trial:
     @property
     def trial_id(self) -> str:
         """Stable hash of everything that changes what the trial measures."""
-        ident = {o.name: _canonical(o, getattr(self, o.name)) for o in OPTIONS
+        ident = {o.name: canonical(o, getattr(self, o.name)) for o in OPTIONS
                  if o.identity and (o.hashed_at_default or getattr(self, o.name) != o.default)}
         return sha256_json(ident)
 

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from suite.errors import one_line
-from suite.options import OPTIONS, _canonical
+from suite.options import OPTIONS, canonical
 from suite.records import Env, MeasureResult, TrialRecord, field_names
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def bench_flags(trial) -> list[str]:
         if option.group not in ("tower", "measure"):
             continue  # probe options: `suite bench` does not take them, and they do not change a timing
         value = getattr(trial, option.name)
-        same = _canonical(option, value)  # YAML `min_time_s: 0` is the default 0.0: an older commit may not know the flag
+        same = canonical(option, value)  # YAML `min_time_s: 0` is the default 0.0: an older commit may not know the flag
         if same == option.default and type(same) is type(option.default):
             continue
         flag = "--" + option.name.replace("_", "-")

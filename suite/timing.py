@@ -7,10 +7,10 @@ reports a mean over the timed loop. Here:
   (the median of the last `window` steps within `tolerance` of the window before it), bounded by
   `max_warmup_s`, so a first timed step never pays for lazy kernel loading, autotuning or
   allocator growth. How many warm-up steps ran is part of the result.
-- the timed loop runs in rounds of `iters` steps (more where a round of `iters` steps would last less
-  than `min_time_s`: a fast step gets as many as fill that time, sized from the warm-up's step time),
-  at least `MIN_ROUNDS`, until the latest round's
-  median agrees (within `tolerance`) with an earlier round's, at most `MAX_ROUNDS`. The figure is
+- the timed loop runs in rounds of `iters` steps (more where `iters` steps would last less than
+  `min_time_s`: a fast step gets as many as fill that time, sized from the warm-up's step time), at
+  least `MIN_ROUNDS`, until the latest round's median agrees (within `tolerance`) with an earlier
+  round's, at most `MAX_ROUNDS`. The figure is
   the median over the steps of the two agreeing rounds. A burst of other work on the machine (on a
   shared 2-core VM: a kernel thread, a neighbour) that slows one round for a few hundred
   milliseconds is then a round that agrees with nothing, not the trial's figure; a machine slow for
