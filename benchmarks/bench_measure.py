@@ -55,12 +55,12 @@ def _measure(trial, cache_dir: str) -> dict:
 
 def hand_loop(tower, x, warmup: int, iters: int, train: bool, min_time_s: float = 0.0) -> float:
     """timm benchmark.py's loop: warm-up, then perf_counter around each step; samples/s over the loop.
-    With `min_time_s`, as many steps as last that long (sized from the last warm-up step) if more than `iters`."""
-    import math
-
+    With `min_time_s`, as many steps as last that long (sized from the last warm-up step, as
+    `suite.timing.round_steps` sizes the suite's rounds) if more than `iters`."""
     import torch
 
     from suite.steps import contrastive_loss
+    from suite.timing import round_steps
 
     if train:
         tower.train()
@@ -82,7 +82,7 @@ def hand_loop(tower, x, warmup: int, iters: int, train: bool, min_time_s: float 
         t0 = time.perf_counter()
         step()
     if min_time_s > 0:
-        iters = max(iters, math.ceil(min_time_s / (time.perf_counter() - t0)))
+        iters = round_steps(iters, min_time_s, (time.perf_counter() - t0) * 1e3)
     total = 0.0
     for _ in range(iters):
         t0 = time.perf_counter()
