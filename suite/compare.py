@@ -4,8 +4,12 @@ Trials are matched by `trial_id` (the hash of their configuration) within the sa
 A metric regresses when it moves the wrong way beyond its threshold AND beyond the measured noise
 of both runs: for timing metrics the noise is the sum of the two runs' relative step-time IQRs
 (IQR / median), so a 3% slowdown of a trial whose timings spread by 4% is not a regression.
-Trials present in one run only, and trials measured in different environments (another GPU,
-another torch), are listed, never compared silently.
+Trials present in one run only are listed. Trials measured in different environments (any field of
+`ENV_IDENTITY` differs: GPU, driver, CPU model, threads, torch, timm, ...) are listed with what differs
+and not compared, and they fail the gate: a speed measured elsewhere says nothing about this code.
+A gated metric stored on one side only (NULL, or a column an older store lacks) is "missing: not
+compared" and fails the gate unless its threshold is turned off. The report names the code (commit,
+clean or with uncommitted changes) each side was measured with. docs/gate.md states these guarantees.
 
 Run-to-run variance is larger than any one run's IQR (the machine drifts between runs), so a
 flagged throughput regression can be confirmed before it fails the gate: `suite compare --confirm`
@@ -29,7 +33,9 @@ from pathlib import Path
 from suite.criteria import (
     DEFAULT_THRESHOLDS, GATEABLE, Threshold, format_metric, higher_is_better, parse_thresholds,
 )
-from suite.rows import AXES, cell, get, num, rel_iqr, rows_of, table, trial_label, varying_axes
+from suite.rows import (
+    AXES, cell, code_text, env_differences, get, num, rel_iqr, rows_of, table, trial_label, varying_axes,
+)
 from suite.stats import half_width
 from suite.store import load_meta, load_results
 
@@ -41,20 +47,25 @@ class Change:
     trial_id: str
     label: str
     metric: str
-    baseline: float
-    current: float
+    baseline: float | None  # None: "missing" (not stored on that side)
+    current: float | None
     threshold: Threshold | None
     noise: float | None  # combined relative IQR (timing metrics only)
     verdict: str  # "regression" | "improvement" | "within noise" | "within threshold" | "unchanged" | "not gated"
     #               | "not confirmed" (flagged, but a re-measurement did not reproduce it)
+    #               | "missing" (a gated metric stored on one side only: not compared, fails the gate)
     remeasured: tuple[float, ...] = ()  # --confirm: the re-measured current values
 
     @property
     def rel_change(self) -> float | None:
-        return None if self.baseline == 0 else (self.current - self.baseline) / abs(self.baseline)
+        if self.baseline is None or self.current is None or self.baseline == 0:
+            return None
+        return (self.current - self.baseline) / abs(self.baseline)
 
     @property
     def change_text(self) -> str:
+        if self.verdict == "missing":
+            return "missing: not compared"
         if self.threshold is not None and not self.threshold.relative:
             return f"{self.current - self.baseline:+.2f}"
         rel = self.rel_change
@@ -71,15 +82,21 @@ class Comparison:
     only_in_baseline: list[str] = field(default_factory=list)
     only_in_current: list[str] = field(default_factory=list)
     env_mismatch: list[str] = field(default_factory=list)
+    env_uncompared: list[str] = field(default_factory=list)  # trials run ok but measured in another environment
+    env_unknown: list[str] = field(default_factory=list)  # ENV_IDENTITY fields a side does not record (older store)
     status_changes: list[str] = field(default_factory=list)
+    not_measured: list[str] = field(default_factory=list)  # gated metrics neither run stored for any trial
+    code: dict[str, str] = field(default_factory=dict)  # side -> the code (commits) its rows were measured with
+    notes: list[str] = field(default_factory=list)  # what the re-measurement did and did not run, and why
     n_compared: int = 0
     markdown: str = ""
     confirmed: bool = False  # flagged timing regressions were re-measured (`apply_confirmation`)
 
     @property
     def exit_code(self) -> int:
-        """1 on any regression, or when no trial at all could be compared (nothing was gated)."""
-        return 1 if self.regressions or self.n_compared == 0 else 0
+        """1 on any regression or missing gated metric, on a trial measured in another environment, or when
+        no trial at all could be compared (nothing was gated)."""
+        return 1 if self.regressions or self.env_uncompared or self.n_compared == 0 else 0
 
 
 _TIMING_PHASE = re.compile(r"^(infer|train)_(samples_per_sec|step_time|tflops|mfu)$")
@@ -121,6 +138,31 @@ def _env_text(row) -> str:
                      if get(row, k) is not None) or str(get(row, "env_key"))
 
 
+def _pairs(out: "Comparison", b_envs: dict, c_envs: dict) -> list[tuple[dict, dict]]:
+    """(baseline row, current row) of one trial measured in the same environment (`env_differences`)."""
+    pairs, used = [], set()
+    for ckey in sorted(c_envs):
+        for bkey in sorted(b_envs):
+            differ, unknown = env_differences(b_envs[bkey], c_envs[ckey])
+            if bkey not in used and not differ:
+                pairs.append((b_envs[bkey], c_envs[ckey]))
+                used.add(bkey)
+                out.env_unknown += [u for u in unknown if u not in out.env_unknown]
+                break
+    return pairs
+
+
+def _mismatch(out: "Comparison", label: str, b_envs: dict, c_envs: dict) -> None:
+    """A trial stored by both runs, in different environments only: listed with what differs, not compared."""
+    b, c = b_envs[sorted(b_envs)[0]], c_envs[sorted(c_envs)[0]]
+    differ = env_differences(b, c)[0]
+    what = "; ".join(f"{n[4:]} {get(b, n)} vs {get(c, n)}" for n in differ)
+    line = f"{label}: baseline {_env_text(b)} vs current {_env_text(c)} (differs: {what})"
+    out.env_mismatch.append(line)
+    if "ok" in {get(r, "status") for r in (*b_envs.values(), *c_envs.values())}:
+        out.env_uncompared.append(line)
+
+
 def _by_trial(df) -> dict[str, dict[str, dict]]:
     """{trial_id: {env_key: row}}."""
     out: dict[str, dict[str, dict]] = {}
@@ -148,16 +190,24 @@ def _compare_pair(out: Comparison, tid: str, label: str, b, c, gates: dict[str, 
         out.env_mismatch.append(f"{label}: probe features {features[0]} vs {features[1]} (accuracy not compared)")
     for metric in (m for m in GATEABLE if gates.get(m) is not None):
         xb, xc = num(get(b, metric)), num(get(c, metric))
-        if xb is None or xc is None or (metric.startswith("probe_") and features[0] != features[1]):
-            continue
-        noise = _noise(metric, b, c)
-        change = Change(tid, label, metric, xb, xc, gates[metric], noise, _judge(metric, xb, xc, gates[metric], noise))
+        if (xb is None and xc is None) or (metric.startswith("probe_") and features[0] != features[1]):
+            continue  # measured by neither run (mode: infer has no train figures), or not comparable
+        if xb is None or xc is None:  # stored on one side only: never dropped silently
+            change = Change(tid, label, metric, xb, xc, gates[metric], None, "missing")
+        else:
+            noise = _noise(metric, b, c)
+            change = Change(tid, label, metric, xb, xc, gates[metric], noise,
+                            _judge(metric, xb, xc, gates[metric], noise))
         out.changes.append(change)
-        if change.verdict == "regression":
+        if change.verdict in ("regression", "missing"):
             out.regressions.append(_regression_line(change))
 
 
 def _regression_line(ch: Change) -> str:
+    if ch.verdict == "missing":
+        side = "baseline" if ch.baseline is None else "current"
+        return (f"{ch.label}: {ch.metric} missing: not compared (no value stored in {side}), which fails the gate; "
+                f"turn its threshold off (`--threshold {ch.metric}=off`) if that is expected")
     line = (f"{ch.label}: {ch.metric} {format_metric(ch.metric, ch.baseline)} → {format_metric(ch.metric, ch.current)} "
             f"({ch.change_text}, threshold {ch.threshold.text})")
     if ch.remeasured:
@@ -192,7 +242,8 @@ def apply_confirmation(c: Comparison, remeasured: dict[tuple[str, str], list[flo
         base = (rebuilt_baseline or {}).get((ch.trial_id, ch.metric), ch.baseline)
         again = _judge(ch.metric, base, statistics.median(values), ch.threshold, None)
         ch.verdict = "regression" if again == "regression" else "not confirmed"
-    c.regressions = c.status_regressions + [_regression_line(ch) for ch in c.changes if ch.verdict == "regression"]
+    c.regressions = c.status_regressions + [_regression_line(ch) for ch in c.changes
+                                            if ch.verdict in ("regression", "missing")]
     c.confirmed = True
     c.markdown = _markdown(c, gates)
     return c
@@ -223,22 +274,27 @@ def compare(baseline_df, current_df, thresholds: dict | None = None) -> Comparis
         if not c_envs:
             out.only_in_baseline.append(label)
             continue
-        common = sorted(set(b_envs) & set(c_envs))
-        if not common:
-            b, c = b_envs[sorted(b_envs)[0]], c_envs[sorted(c_envs)[0]]
-            out.env_mismatch.append(f"{label}: baseline {_env_text(b)} vs current {_env_text(c)}")
-        for env in common:
-            _compare_pair(out, tid, label, b_envs[env], c_envs[env], gates)
+        pairs = _pairs(out, b_envs, c_envs)
+        if not pairs:
+            _mismatch(out, label, b_envs, c_envs)
+        for b, c in pairs:
+            _compare_pair(out, tid, label, b, c, gates)
+    seen = {ch.metric for ch in out.changes}
+    out.not_measured = [m for m, t in gates.items() if t is not None and m not in seen]
+    out.code = {"baseline": code_text(rows_of(baseline_df)), "current": code_text(rows_of(current_df))}
     out.markdown = _markdown(out, gates)
     return out
 
 
-def _markdown(c: Comparison, gates: dict) -> str:
-    verdict = "FAIL" if c.exit_code else "PASS"
-    lines = [f"## Regression gate: {verdict}", ""]
-    lines.append(f"{c.n_compared} trials compared, {len(c.regressions)} regressions. Thresholds: "
-                 + ", ".join(f"`{m}` {t.text}" for m, t in gates.items() if t is not None)
-                 + "; a change within the two runs' combined step-time IQR is noise, not a regression.")
+def _summary_lines(c: Comparison, gates: dict) -> list[str]:
+    """The verdict's reasons: what was compared, with which code, and what could not be."""
+    missing = sum(ch.verdict == "missing" for ch in c.changes)
+    lines = [f"{c.n_compared} trials compared, {len(c.regressions) - missing} regressions"
+             + (f", {missing} gated figures missing on one side (not compared: fails the gate)" if missing else "")
+             + ". Thresholds: " + ", ".join(f"`{m}` {t.text}" for m, t in gates.items() if t is not None)
+             + "; a change within the two runs' combined step-time IQR is noise, not a regression."]
+    if c.code:
+        lines.append(f"Code measured: baseline {c.code['baseline']}; current {c.code['current']}.")
     flagged = [ch for ch in c.changes if is_timing(ch.metric) and ch.verdict in ("regression", "not confirmed")]
     if c.confirmed and flagged:
         held = sum(ch.verdict == "regression" and bool(ch.remeasured) for ch in flagged)
@@ -246,11 +302,28 @@ def _markdown(c: Comparison, gates: dict) -> str:
         unmeasured = len(flagged) - held - dropped
         lines.append(f"Flagged throughput regressions were re-measured on this machine: {held} held, {dropped} did "
                      "not (not confirmed: run-to-run noise, not a regression)"
-                     + (f", {unmeasured} could not be re-measured here (measured in another environment, or the "
-                        "re-run failed) and stand" if unmeasured else "") + ".")
+                     + (f", {unmeasured} could not be re-measured here (see below: the code or environment "
+                        "differs, or the re-run failed) and stand" if unmeasured else "") + ".")
+    lines += [f"- {cell(n)}" for n in c.notes]
+    if c.env_uncompared:
+        lines += ["", f"**{len(c.env_uncompared)} trials were measured in another environment** (listed below): "
+                  "their speed, memory and accuracy are not compared, so this gate cannot pass; compare runs "
+                  "measured on the same machine, with the same threads and versions."]
+    if c.env_unknown:
+        lines += ["", f"Not recorded by one side (an older store): {', '.join(c.env_unknown)}; "
+                  "assumed the same environment."]
+    if c.n_compared and c.not_measured:
+        lines += ["", "Gated but in no trial stored by both runs (nothing to gate): "
+                  + ", ".join(f"`{m}`" for m in c.not_measured) + "."]
     if c.n_compared == 0:
         lines += ["", "**Nothing was compared**: no trial ran ok in both runs in the same environment, "
                   "so this gate cannot pass."]
+    return lines
+
+
+def _markdown(c: Comparison, gates: dict) -> str:
+    verdict = "FAIL" if c.exit_code else "PASS"
+    lines = [f"## Regression gate: {verdict}", ""] + _summary_lines(c, gates)
     if c.regressions:
         lines += ["", "### Regressions", ""] + [f"- {cell(r)}" for r in c.regressions]
     for title, items in (("Environment differs (not compared)", c.env_mismatch),
@@ -260,7 +333,8 @@ def _markdown(c: Comparison, gates: dict) -> str:
             lines += ["", f"### {title}", ""] + [f"- {cell(i)}" for i in items]
     by_metric: dict[str, list[Change]] = {}
     for ch in c.changes:
-        by_metric.setdefault(ch.metric, []).append(ch)
+        if ch.verdict != "missing":
+            by_metric.setdefault(ch.metric, []).append(ch)
     if by_metric:
         body = []
         for metric, changes in by_metric.items():

@@ -147,7 +147,10 @@ class Env:
     env_git_commit: str | None = None
 
     def key(self) -> str:
-        """What makes two environments different for comparison: device, versions."""
+        """The store's key of an environment (its rows' primary key with trial_id, and what `--resume` matches):
+        device, versions, allocator. Kept as it was so older stores resume; comparing two runs checks
+        every field of `ENV_IDENTITY` instead (the thread count of a worker is not known to the driver
+        that resumes, so it cannot be part of this key)."""
         return "|".join(str(x) for x in (self.env_device, self.env_torch, self.env_timm, self.env_cuda,
                                          self.env_allocator))
 
@@ -178,6 +181,11 @@ class TrialRecord:
 def field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
+
+# What changes a timing: two rows that differ in any of these were measured in different environments
+# and are not compared (`suite.compare`). A field a row does not record (an older store) is unknown, not different.
+ENV_IDENTITY = ("env_device", "env_driver", "env_cuda", "env_cpu", "env_threads", "env_torch", "env_timm",
+                "env_allocator")
 
 RESULT_COLUMNS = field_names(MeasureResult) + field_names(ProbeResult)
 ENV_COLUMNS = field_names(Env)

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from suite.options import OPTIONS, SHORT, config_value, same_config, trial_label  # noqa: F401 - re-exported
+from suite.records import ENV_IDENTITY
 
 # Options that are never ablation axes: the model is what is compared; the others describe the run.
 NOT_AXES = {"model", "device", "root"}
@@ -188,3 +189,34 @@ def number(value: Any) -> float | None:
 
 
 num = number  # a finite float, or None for missing (None, NaN, non-numbers, bools)
+
+
+# --- where and with which code a row was measured -------------------------------------------
+
+
+def env_differences(a, b) -> tuple[list[str], list[str]]:
+    """The `ENV_IDENTITY` fields in which rows `a` and `b` differ, and those one of them does not record."""
+    differ, unknown = [], []
+    for name in ENV_IDENTITY:
+        x, y = get(a, name), get(b, name)
+        if x is None and y is None:
+            continue
+        if x is None or y is None:
+            unknown.append(name)
+        elif str(x) != str(y):
+            differ.append(name)
+    return differ, unknown
+
+
+def code_text(rows) -> str:
+    """The code a run's rows were measured with: commits, clean or with uncommitted changes."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        commit = str(get(r, "env_git_commit") or "")
+        text = ("unknown commit (not measured in a git checkout)" if not commit else
+                f"`{commit[:12]}` with uncommitted changes (+dirty)" if commit.endswith("+dirty") else
+                f"`{commit[:12]}` (clean)")
+        counts[text] = counts.get(text, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{text} ({n} rows)" for text, n in sorted(counts.items())) or "no rows"
