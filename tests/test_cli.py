@@ -56,8 +56,7 @@ def test_import_suite_and_cli_help_do_not_import_torch():
 
 
 def test_unknown_model_is_bad_input():
-    proc = subprocess.run([sys.executable, "-m", "suite.cli", "bench", "--model", "resnet5O"],
-                          capture_output=True, text=True)
+    proc = run_cli("bench", "--model", "resnet5O")
     assert proc.returncode == 2
     assert "'resnet5O' is not a timm model; did you mean 'resnet50'" in proc.stderr
 
@@ -79,7 +78,21 @@ def test_all_options_documented():
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "suite.cli", *argv], capture_output=True, text=True, timeout=300)
+    """`suite ARGV` in this process (the command line is `suite.cli.main`; a fresh interpreter would only
+    import torch again): its exit code and what it printed. `test_import_suite_and_cli_help_do_not_import_torch`
+    and the sweep tests run the real executable."""
+    import contextlib
+    import io
+
+    from suite.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["suite", *argv], code, out.getvalue(), err.getvalue())
 
 
 def test_bench_and_probe_print_records_as_json():

@@ -211,15 +211,15 @@ def test_run_timeout_must_be_finite(tmp_path):
     assert problems == ["run.timeout_s: inf must be positive (and finite)"]
 
 
-def test_a_huge_grid_is_counted_not_expanded_and_refused():
-    import time
+def test_a_huge_grid_is_counted_not_expanded_and_refused(monkeypatch):
+    import suite.config
 
     grid = {"model": ["test_vit"], "seed": list(range(1000)), "embed_dim": list(range(1, 1001)),
             "iters": list(range(1, 33))}  # 3.2e7 trials: expanding them would take minutes and gigabytes
-    start = time.perf_counter()
-    with pytest.raises(ConfigError) as info:
-        parse_experiment({"name": "x", "grid": grid})
-    assert time.perf_counter() - start < 1.0
+    with monkeypatch.context() as m:  # counted, never expanded (no timing: an expansion raises here)
+        m.setattr(suite.config, "_expand_trials", lambda *a, **k: pytest.fail("the grid was expanded"))
+        with pytest.raises(ConfigError) as info:
+            parse_experiment({"name": "x", "grid": grid})
     (problem,) = info.value.problems
     assert "32,000,000 trials" in problem and "limit of 10,000" in problem and "--yes" in problem
     assert "4,444.4 h" in problem  # the overhead floor: 3.2e7 x 0.5 s
@@ -250,14 +250,10 @@ def test_pretrained_weights_not_cached_fail_fast_offline(tmp_path, monkeypatch):
     # No network is touched: the cache is an empty folder and downloads are off.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
-    import time
-
-    start = time.perf_counter()
     problems = problems_of(tmp_path, """
         name: x
         grid: {model: [test_vit], pretrained: [true]}
     """)
-    assert time.perf_counter() - start < 10
     (problem,) = problems
     assert "timm/test_vit.r160_in1k" in problem and "HF_HUB_OFFLINE=1" in problem
     assert str(tmp_path / "hub") in problem and "local checkpoint file" in problem

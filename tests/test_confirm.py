@@ -13,13 +13,27 @@ FAST = dict(infer_samples_per_sec=100.0, infer_step_time=160.0, infer_step_time_
 SLOW = dict(infer_samples_per_sec=80.0, infer_step_time=200.0, infer_step_time_iqr=1.0)
 
 
+@pytest.fixture()
+def in_process(monkeypatch):
+    """Run the confirmation's A/B schedule in this process, in order, with the stub trial functions of
+    `trialfns` (their figures are injected: `rate`). The decision logic is what these tests check;
+    worker processes are the runner's tests' business (a worker would import torch: seconds a test)."""
+    import suite.confirm as confirm
+    from suite.workers import load_fn
+
+    def run_trials(trials, *, fn, fn_kwargs, **_):
+        return [load_fn(fn)(t, **fn_kwargs) for t in trials]
+
+    monkeypatch.setattr(confirm, "run_trials", run_trials)
+
+
 def _stores(tmp_path, base: dict, cur: dict):
     a = write_store(tmp_path / "a" / "results.sqlite", [make_record("ok_tower", env=FAKE_ENV, **base)])
     b = write_store(tmp_path / "b" / "results.sqlite", [make_record("ok_tower", env=FAKE_ENV, **cur)])
     return a, b
 
 
-def test_a_flag_that_does_not_reproduce_is_not_confirmed(tmp_path):
+def test_a_flag_that_does_not_reproduce_is_not_confirmed(tmp_path, in_process):
     base, cur = _stores(tmp_path, FAST, SLOW)
     assert compare_paths(base, cur).exit_code == 1  # -20%: flagged
     result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 99.0})
@@ -28,7 +42,7 @@ def test_a_flag_that_does_not_reproduce_is_not_confirmed(tmp_path):
     assert result.exit_code == 0 and "1 did not" in result.markdown
 
 
-def test_a_real_slowdown_is_confirmed(tmp_path):
+def test_a_real_slowdown_is_confirmed(tmp_path, in_process):
     base, cur = _stores(tmp_path, FAST, SLOW)
     result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 89.0})  # 11% slower
     change = next(ch for ch in result.changes if ch.metric == "infer_samples_per_sec")
@@ -60,19 +74,19 @@ def _lucky_stores(tmp_path, commit_a: str, commit_b: str):
     return a, b
 
 
-def test_a_lucky_baseline_from_the_same_commit_is_rebuilt_and_the_flag_dropped(tmp_path):
+def test_a_lucky_baseline_from_the_same_commit_is_rebuilt_and_the_flag_dropped(tmp_path, in_process):
     base, cur = _lucky_stores(tmp_path, "abc123", "abc123")
     result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 100.0})
     assert result.exit_code == 0  # re-measured both sides, interleaved: 100 vs 100
 
 
-def test_a_baseline_from_another_commit_is_not_rebuilt(tmp_path):
+def test_a_baseline_from_another_commit_is_not_rebuilt(tmp_path, in_process):
     base, cur = _lucky_stores(tmp_path, "abc123", "def456")
     result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 100.0})
     assert result.exit_code == 1  # the stored 125 stands: 100 still fails -5%
 
 
-def test_a_rebuilt_baseline_with_other_code_still_catches_the_slowdown(tmp_path):
+def test_a_rebuilt_baseline_with_other_code_still_catches_the_slowdown(tmp_path, in_process):
     base, cur = _lucky_stores(tmp_path, "abc123", "abc123")
     result = confirm_paths(base, cur, rounds=2, fn="trialfns:behave", fn_kwargs={"rate": 89.0},
                            baseline_fn="trialfns:behave", baseline_kwargs={"rate": 100.0})

@@ -17,7 +17,7 @@ from suite.errors import SuiteError  # noqa: E402
 from suite.options import Trial  # noqa: E402
 from suite.runner import run_trials  # noqa: E402
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]  # one Ray cluster at a time
 
 NAMES = ["ok1", "crash2", "ok3", "hang4", "raise5", "ok6"]
 

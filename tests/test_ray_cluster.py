@@ -54,7 +54,7 @@ from suite.runner import run_trials  # noqa: E402
 from suite.store import ResultStore  # noqa: E402
 from trialfns import fake_env  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray cluster at a time
 
 NAMES = [f"slow{i}" for i in range(6)]
 SLOW_S = 2.5  # each trial's sleep: node 2 is killed while its trials sleep

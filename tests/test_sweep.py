@@ -41,7 +41,7 @@ def write_experiment(tmp_path: Path, text: str = EXPERIMENT, name: str = "exp.ya
 def test_sweep_with_two_workers_stores_every_trial_then_resume_runs_nothing(tmp_path):
     exp = write_experiment(tmp_path)
     out = tmp_path / "out"
-    summary = run_experiment(exp, out=out, workers=2, quiet=True, cache_dir=tmp_path / "cache")
+    summary = run_experiment(exp, out=out, workers=2, quiet=True)  # caches: the test run's (tests/conftest.py)
     df = load_results(summary.db_path)
     assert len(df) == 5 and df["trial_id"].is_unique
     by = {(r.model, r.pool): r for r in df.itertuples()}

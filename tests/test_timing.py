@@ -1,19 +1,27 @@
-"""Steady-state warm-up and per-step timing."""
-from __future__ import annotations
+"""Steady-state warm-up and per-step timing.
 
-import time
+Every step here "takes" the time a fake clock is advanced by (`fake_clock`, tests/conftest.py): the
+decisions under test (warm-up until steady, agreeing rounds, time limits) see exact figures, so the
+verdicts cannot move with the machine's load.
+"""
+from __future__ import annotations
 
 import pytest
 
 from suite.timing import round_steps, steady, summarize, time_steps, warm_up
 
 
-def test_time_steps_runs_warmup_then_times_each_iteration():
+def test_time_steps_runs_warmup_then_times_each_iteration(fake_clock):
     calls = []
-    timing = time_steps(lambda x: calls.append(x), "batch", warmup=2, iters=5, device="cpu")
-    assert 2 <= timing.rounds <= 5 and timing.steps == 5 * timing.rounds
-    assert len(timing.times_ms) == (10 if timing.steady else timing.steps)  # the two agreeing rounds
-    assert len(calls) == timing.warmup_steps + timing.steps and timing.warmup_steps >= 2
+
+    def step(x):
+        calls.append(x)
+        fake_clock.sleep(1e-3)
+
+    timing = time_steps(step, "batch", warmup=2, iters=5, device="cpu")
+    assert timing.rounds == 2 and timing.steps == 10 and timing.steady  # identical steps: two rounds agree
+    assert len(timing.times_ms) == 10 and timing.median_ms == pytest.approx(1.0)
+    assert len(calls) == timing.warmup_steps + timing.steps and timing.warmup_steps == 6  # two windows of 3
     one = time_steps(lambda x: None, None, warmup=0, iters=4, device="cpu", min_rounds=1, max_rounds=1)
     assert one.rounds == 1 and len(one.times_ms) == 4
     with pytest.raises(ValueError, match="iters=0"):
@@ -35,53 +43,44 @@ def test_steady_compares_the_last_two_windows():
     assert not steady([10, 10, 10, 13, 13, 13])  # a 30% jump is not steady
 
 
-def test_warm_up_continues_until_step_time_stops_drifting():
-    """A step that speeds up over its first 10 calls (lazy loading, allocator growth) is warmed past them."""
+def _scheduled(clock, ms_per_call):
+    """A step that takes ms_per_call(n) milliseconds of `clock` on its n-th call (0-based), counting calls."""
     calls = []
 
     def step(_):
-        calls.append(1)
-        time.sleep(0.04 / len(calls) if len(calls) <= 10 else 0.002)
-
-    steps, settled, recent_ms = warm_up(step, None, warmup=2, device="cpu")
-    assert settled and steps >= 10 and recent_ms < 10  # still speeding up until then
-    timing = time_steps(step, None, warmup=0, iters=3, device="cpu")
-    assert max(timing.times_ms) < 10  # no slow call was timed
-
-
-def test_warm_up_is_bounded_by_its_time_limit():
-    calls = []
-
-    def drifting(_):
-        calls.append(1)
-        time.sleep(2e-3 * 1.2 ** len(calls))  # 20% slower every call (far above sleep jitter): never steady
-
-    steps, settled, _ = warm_up(drifting, None, warmup=1, device="cpu", max_warmup_s=0.3)
-    assert not settled and steps >= 2
-
-
-def _scheduled(ms_per_call):
-    """A step that sleeps ms_per_call(n) milliseconds on its n-th call (0-based), counting calls."""
-    calls = []
-
-    def step(_):
-        time.sleep(ms_per_call(len(calls)) / 1e3)
+        clock.sleep(ms_per_call(len(calls)) / 1e3)
         calls.append(1)
     return step, calls
 
 
-def test_a_round_slowed_by_a_burst_is_not_the_figure():
+def test_warm_up_continues_until_step_time_stops_drifting(fake_clock):
+    """A step that speeds up over its first 10 calls (lazy loading, allocator growth) is warmed past them."""
+    step, calls = _scheduled(fake_clock, lambda n: 40.0 / (n + 1) if n < 10 else 2.0)
+    steps, settled, recent_ms = warm_up(step, None, warmup=2, device="cpu")
+    assert settled and steps == 15 and recent_ms == pytest.approx(2.0)  # steady once two windows of 3 have median 2 ms
+    timing = time_steps(step, None, warmup=0, iters=3, device="cpu")
+    assert max(timing.times_ms) == pytest.approx(2.0)  # no slow call was timed
+
+
+def test_warm_up_is_bounded_by_its_time_limit(fake_clock):
+    drifting, calls = _scheduled(fake_clock, lambda n: 2.0 * 1.2 ** n)  # 20% slower every call: never steady
+    steps, settled, _ = warm_up(drifting, None, warmup=1, device="cpu", max_warmup_s=0.3)
+    assert not settled and steps == len(calls)
+    assert sum(2.0 * 1.2 ** n for n in range(steps - 1)) <= 300 < sum(2.0 * 1.2 ** n for n in range(steps))
+
+
+def test_a_round_slowed_by_a_burst_is_not_the_figure(fake_clock):
     """Other work slows the first timed round by 60%: the next two rounds agree, and they are the figure."""
-    step, calls = _scheduled(lambda n: 8.0 if 6 <= n < 14 else 5.0)  # warm-up is 6 steps, rounds of 8
+    step, calls = _scheduled(fake_clock, lambda n: 8.0 if 6 <= n < 14 else 5.0)  # warm-up is 6 steps, rounds of 8
     timing = time_steps(step, None, warmup=6, iters=8, device="cpu", max_warmup_s=0)
     assert timing.warmup_steps == 6 and timing.rounds == 3 and timing.steady
-    assert 5.0 <= timing.median_ms < 6.0 and len(timing.times_ms) == 16
+    assert timing.median_ms == pytest.approx(5.0) and len(timing.times_ms) == 16
 
 
-def test_a_machine_slow_throughout_is_reported_slow_and_rounds_that_never_agree_are_flagged():
-    slow, _ = _scheduled(lambda n: 8.0)
-    assert time_steps(slow, None, warmup=1, iters=4, device="cpu", max_warmup_s=0).median_ms >= 8.0
-    drifting, _ = _scheduled(lambda n: 3.0 * 1.25 ** (n // 4))  # every round 25% slower than the last
+def test_a_machine_slow_throughout_is_reported_slow_and_rounds_that_never_agree_are_flagged(fake_clock):
+    slow, _ = _scheduled(fake_clock, lambda n: 8.0)
+    assert time_steps(slow, None, warmup=1, iters=4, device="cpu", max_warmup_s=0).median_ms == pytest.approx(8.0)
+    drifting, _ = _scheduled(fake_clock, lambda n: 3.0 * 1.25 ** (n // 4))  # every round 25% slower than the last
     timing = time_steps(drifting, None, warmup=0, iters=4, device="cpu", max_warmup_s=0, max_rounds=4)
     assert timing.rounds == 4 and not timing.steady and len(timing.times_ms) == 16
 
@@ -93,12 +92,12 @@ def test_round_steps_fill_min_time_with_fast_steps_and_never_go_below_iters():
     assert round_steps(5, 1.0, 0.0) == 5  # no step time to size from
 
 
-def test_min_time_makes_each_round_last_at_least_that_long():
-    step, calls = _scheduled(lambda n: 2.0)
+def test_min_time_makes_each_round_last_at_least_that_long(fake_clock):
+    step, calls = _scheduled(fake_clock, lambda n: 2.0)
     timing = time_steps(step, None, warmup=3, iters=3, device="cpu", min_time_s=0.06)
     per_round = timing.steps // timing.rounds
-    assert timing.steps == per_round * timing.rounds and 3 < per_round <= 30  # sleep(2 ms) lasts >= 2 ms
-    assert per_round * timing.median_ms >= 0.06e3 * 0.8  # the round spans about min_time_s
+    assert timing.steps == per_round * timing.rounds and 30 <= per_round <= 31  # 60 ms of 2 ms steps (ceil of float sums)
+    assert per_round * timing.median_ms == pytest.approx(0.06e3)  # the round spans min_time_s
     assert len(calls) == timing.warmup_steps + timing.steps
     with pytest.raises(ValueError, match="min_time_s=-1"):
         time_steps(step, None, warmup=0, iters=1, device="cpu", min_time_s=-1)
