@@ -238,6 +238,9 @@ DEFAULT_THRESHOLDS: dict[str, Threshold] = {
     "train_peak_mem_mib": Threshold("train_peak_mem_mib", 5.0, True),
     "probe_top1": Threshold("probe_top1", 1.0, False),
 }
+# `suite compare --confirm ROUNDS`: each round re-measures every flagged trial once (and its rebuilt
+# baseline); more than this is a typo, refused before any work (a huge count once built its schedule for minutes).
+MAX_CONFIRM_ROUNDS = 100
 _VALUE = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*$")
 _CHANGE = "must be a change like '-5%' (relative), '-1' (absolute) or 'off'"
 

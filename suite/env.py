@@ -67,14 +67,16 @@ def capture_env(device: str) -> Env:
 
     'auto' is resolved as the trials resolve it, so records the runner makes itself (crashed,
     timeout) for an 'auto' sweep on a GPU get the GPU's environment, not a phantom 'cpu' one.
-    The allocator is read each time (a measuring process holds it steady from its first trial on);
-    the rest is cached per process: versions and hardware do not change while it runs.
+    The allocator and the torch thread count are read each time (a measuring process holds the allocator
+    steady from its first trial on; a re-measurement sets a stored row's threads); the rest is cached per process: versions and hardware do not change while it runs.
     """
-    return _capture_env(resolve_device(device), allocator())
+    import torch
+
+    return _capture_env(resolve_device(device), allocator(), torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=None)
-def _capture_env(device: str, allocator_text: str) -> Env:
+def _capture_env(device: str, allocator_text: str, threads: int) -> Env:
     import timm
     import torch
 
@@ -95,7 +97,7 @@ def _capture_env(device: str, allocator_text: str) -> Env:
         env_device=device_name(device),
         env_driver=driver,
         env_cpu=cpu_model(),
-        env_threads=torch.get_num_threads(),
+        env_threads=threads,
         env_allocator=allocator_text,
         env_python=platform.python_version(),
         env_platform=platform.platform(),
