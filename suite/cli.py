@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from suite.criteria import MAX_CONFIRM_ROUNDS
 from suite.errors import SuiteError
 from suite.export import FORMATS
 from suite.options import OPTIONS, Option, Trial
+from suite.paths import check_output
 
 EXIT_BAD_INPUT = 2
+GATES = ("compare",)  # commands whose exit code is a verdict: a closed stdout never changes it
+DEFAULT_CONFIRM_ROUNDS = 3
 
 
 # --- flags from the schema ------------------------------------------------------------------
@@ -172,22 +177,41 @@ def _results(text: str) -> Path:
 def cmd_report(args) -> int:
     from suite.report import write_report
 
-    path = write_report(_results(args.results), args.output)
+    db = _results(args.results)
+    if args.output:
+        check_output(args.output, protect=(db,), folder_name="report.md")
+    path = write_report(db, args.output)
     print(path)
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+def _whole_number(text: str, what: str, low: int, high: float = float("inf")) -> int:
+    """`text` as a whole number in [low, high], else an argparse error naming what it counts."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        bound = f"from {low} to {high:,}" if high != float("inf") else f"of at least {low}"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of {what} {bound}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    return _whole_number(text, "workers", 1)
+
+
+def _rounds(text: str) -> int:
+    return _whole_number(text, "re-measurement rounds", 1, MAX_CONFIRM_ROUNDS)
+
+
 def _positive_seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of seconds")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive, finite number of seconds")
     return value
 
 
@@ -197,16 +221,40 @@ def cmd_compare(args) -> int:
 
     thresholds = parse_thresholds(args.threshold) if args.threshold else None
     baseline, current = _results(args.baseline), _results(args.current)
-    if args.confirm:
+    if args.output:  # before any work: a folder, an input or a store in the way is found now, not after minutes
+        check_output(args.output, protect=(baseline, current))
+    rounds = DEFAULT_CONFIRM_ROUNDS if args.confirm is None else args.confirm
+    if rounds:
         from suite.confirm import confirm_paths
 
-        result = confirm_paths(baseline, current, thresholds, rounds=args.confirm, console=_console())
+        result = confirm_paths(baseline, current, thresholds, rounds=rounds, console=_console())
     else:
         result = compare_paths(baseline, current, thresholds)
     if args.output:
         Path(args.output).write_text(result.markdown)
-    print(result.markdown)
+    _print_verdict(result.markdown)
     return result.exit_code
+
+
+def _print_verdict(text: str) -> None:
+    """Print the gate's report; a reader that went away (`| head`) loses the rest, the exit code stays the verdict."""
+    try:
+        print(text)
+        sys.stdout.flush()  # here, not at interpreter exit (where a failed flush would make the exit code 120)
+    except BrokenPipeError:
+        stdout_to_devnull()
+
+
+def stdout_to_devnull() -> None:
+    """After EPIPE: point stdout at /dev/null so that later writes and the flush at exit cannot fail
+    (the Python docs' recipe, `signal` module: "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # a stdout without a file descriptor (a test's capture)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    finally:
+        os.close(devnull)
 
 
 def cmd_export(args) -> int:
@@ -278,11 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", action="append", metavar="METRIC=CHANGE",
                    help="e.g. train_samples_per_sec=-3%% or probe_top1=-0.5 (repeatable)")
     p.add_argument("-o", "--output", help="also write the markdown table here")
-    p.add_argument("--confirm", type=_positive_int, nargs="?", const=3, default=3, metavar="ROUNDS",
-                   help="re-measure flagged throughput regressions ROUNDS times (default 3) on this machine, "
-                        "A/B interleaved with the baseline where it can be rebuilt, and fail only on those that hold")
-    p.add_argument("--no-confirm", dest="confirm", action="store_const", const=0,
-                   help="judge the stored figures only (no re-measurement)")
+    confirm = p.add_mutually_exclusive_group()
+    confirm.add_argument("--confirm", type=_rounds, nargs="?", const=DEFAULT_CONFIRM_ROUNDS, default=None,
+                         metavar="ROUNDS",
+                         help=f"re-measure flagged throughput regressions ROUNDS times (default "
+                              f"{DEFAULT_CONFIRM_ROUNDS}, at most {MAX_CONFIRM_ROUNDS}) on this machine, with the code "
+                              "that measured CURRENT only (docs/gate.md), A/B interleaved with the baseline where it "
+                              "can be rebuilt, and fail only on those that hold")
+    confirm.add_argument("--no-confirm", dest="confirm", action="store_const", const=0,
+                         help="judge the stored figures only (no re-measurement)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="export results: " + ", ".join(FORMATS))
@@ -310,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     except (SuiteError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except BrokenPipeError:  # output piped into `head` and the like
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of the command
+        stdout_to_devnull()
+        if args.command in GATES:  # a gate that could not finish its report has no verdict to give
+            print("error: the output stream closed before the gate finished", file=sys.stderr)
+            return 1
         return 0
     except OSError as exc:  # a file the command must write: full disk, no permission, a folder in the way
         print(f"error: cannot write {exc.filename or 'a file'}: {exc.strerror or exc}", file=sys.stderr)

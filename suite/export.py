@@ -24,6 +24,7 @@ from typing import Any
 from suite.analysis import last_finished
 from suite.criteria import parse_select
 from suite.errors import MissingDependency, SuiteError, suggest
+from suite.paths import check_output
 from suite.rows import get, num, plain, rows_of, trial_label, varying_axes
 from suite.select import apply_select
 from suite.store import load_meta, load_results, output_file, resolve_path, write_text
@@ -312,7 +313,9 @@ def _write_open_clip(df, db: Path, out_path: str | Path | None, trial_id: str | 
     """The chosen trial's open_clip config, and its training flags in a `.train-args.txt` beside it."""
     row = _chosen_trial(df, db, trial_id)
     name = f"open_clip-{str(get(row, 'trial_id'))[:8]}.json"
-    out = output_file(out_path, name) if out_path else db.parent / name
+    out = check_output(out_path, protect=(db,), folder_name=name) if out_path else db.parent / name
+    check_output(out.with_name(out.stem + ".train-args.txt"), protect=(db,))
+    out = output_file(out, name)
     config, extra = open_clip_config(row)
     note = open_clip_build_note(row)
     if note:
@@ -323,6 +326,20 @@ def _write_open_clip(df, db: Path, out_path: str | Path | None, trial_id: str | 
     write_text(args, f"# open_clip training flags for trial {get(row, 'trial_id')} "
                     f"({trial_label(row, varying_axes(df))}), as it was measured\n" + "\n".join(extra) + "\n")
     return out
+
+
+def _require_rows(df, db: Path, fmt: str, trial_id: str | None) -> None:
+    """Refuse an export that would write no result (an empty file with exit 0 looked like a success):
+    csv and parquet hold every row, whatever its status; timm-csv and pytest-benchmark only ok trials."""
+    statuses: dict[str, int] = {}
+    for r in rows_of(df):
+        statuses[str(get(r, "status"))] = statuses.get(str(get(r, "status")), 0) + 1
+    if statuses.get("ok") or (statuses and fmt in ("csv", "parquet")):
+        return
+    held = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "no trials at all"
+    what = "no trial" if not statuses else f"no trial that ran ok, and {fmt} exports only those"
+    raise SuiteError(f"{db}{f' (trials {trial_id}*)' if trial_id else ''} holds {what} ({held}): nothing to "
+                     "export" + ("; `suite report` shows why the trials failed" if statuses else ""))
 
 
 def _write_table(df, fmt: str, out: Path) -> None:
@@ -349,20 +366,28 @@ def export(db_path: str | Path, fmt: str, out_path: str | Path | None = None, *,
     Args:
         db_path: results.sqlite or the folder that holds it.
         fmt: one of FORMATS.
-        out_path: the file to write (default: beside the database).
+        out_path: the file to write, or a folder to write it in (default: beside the database); never
+            the database itself, another results store, or a folder in the way.
         trial_id: only trials whose id starts with this; for open-clip-config, the trial to export
             (default: the select block's best).
 
     Returns:
         The path written.
+
+    Raises:
+        SuiteError: an unknown format, an output path that cannot or must not be written, or a store
+            without any ok trial (exit 2 on the CLI).
     """
     if fmt not in FORMATS:
         raise SuiteError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}{suggest(fmt, FORMATS, n=1)}")
     db = resolve_path(db_path)
     df = load_results(db)
+    if out_path:  # before any work: never a folder in the way, the database itself or another store
+        check_output(out_path, protect=(db,), folder_name=DEFAULT_NAMES.get(fmt, "open_clip.json"))
     if fmt == "open-clip-config":
         return _write_open_clip(df, db, out_path, trial_id)
     df = _filter(df, trial_id)
+    _require_rows(df, db, fmt, trial_id)
     out = output_file(out_path, DEFAULT_NAMES[fmt]) if out_path else db.parent / DEFAULT_NAMES[fmt]
     try:
         _write_table(df, fmt, out)
