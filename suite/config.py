@@ -37,6 +37,9 @@ RUN_KEYS = {"timeout_s": (int, float), "workers": (int,), "backend": (str,), "ad
 # Above this many trials a grid is refused unless confirmed (`--yes`, `max_trials=None`): a typo in a
 # grid can ask for millions of trials, which would take days and gigabytes before the first one runs.
 MAX_TRIALS = 10_000
+# Refused even with --yes: a grid this large cannot be expanded in memory (each trial ~2 KB; 3 million
+# took 5.6 GB) nor run (at least OVERHEAD_S_PER_TRIAL each: 14 h of overhead here); split it.
+HARD_MAX_TRIALS = 100_000
 # The sweep's own cost per trial (worker hand-off, store commit; benchmarks/README.md): a floor, not an estimate.
 OVERHEAD_S_PER_TRIAL = 0.5
 
@@ -126,11 +129,22 @@ def count_trials(grid: dict[str, list], includes: list[dict]) -> int:
     return count + sum(math.prod(len(v) for v in entry.values()) for entry in includes)
 
 
-def _too_many(count: int, limit: int) -> str:
+def _too_many(count: int, limit: int, *, hard: bool = False) -> str:
     floor_h = count * OVERHEAD_S_PER_TRIAL / 3600
     return (f"the grid expands to {count:,} trials (before exclude), above the limit of {limit:,}: that is at least "
             f"{floor_h:,.1f} h of the sweep's own overhead ({OVERHEAD_S_PER_TRIAL} s per trial) before any measuring; "
-            "shrink the grid or split it into several experiments, or confirm with --yes (max_trials=None)")
+            "shrink the grid or split it into several experiments"
+            + (f"; even --yes allows no more than {HARD_MAX_TRIALS:,} trials" if hard
+               else ", or confirm with --yes (max_trials=None)"))
+
+
+def _name_problems(name: str) -> list[str]:
+    """A name is the run's folder under runs/: a plain folder name, never a path that leaves it."""
+    text = name.strip()
+    if any(c in text for c in "/\\\0") or text in (".", "..") or text.startswith("."):
+        return [f"name: {name!r} must be a plain folder name (the run is written to runs/<name>): no '/', '\\', "
+                "'..' or leading '.'; use letters, digits, '-', '_' and '.'"]
+    return []
 
 
 def _unswept_identity(path: str, block: dict[str, list], problems: list[str]) -> None:
@@ -186,6 +200,8 @@ def parse_experiment(data: Any, source: str = "<experiment>", text: str = "", *,
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         problems.append(f"name: required, a non-empty string (got {name!r})")
+    else:
+        problems += _name_problems(name)
     for section, groups in (("measure", ("measure",)), ("probe", ("probe",))):
         if section in data:
             _fixed_or_axis(section, data[section], options_in(*groups), fixed, outside, problems)
@@ -227,9 +243,11 @@ def parse_experiment(data: Any, source: str = "<experiment>", text: str = "", *,
     if problems:
         raise ConfigError(source, problems)
 
-    count = count_trials(grid, includes)
+    count = count_trials(grid, includes)  # counted, not expanded: before any memory is spent on trials
     if max_trials is not None and count > max_trials:
-        raise ConfigError(source, [_too_many(count, max_trials)])
+        raise ConfigError(source, [_too_many(count, max_trials, hard=count > HARD_MAX_TRIALS)])
+    if count > HARD_MAX_TRIALS:
+        raise ConfigError(source, [_too_many(count, HARD_MAX_TRIALS, hard=True)])
     trials, warnings = _expand_trials(grid, fixed, includes, excludes, source)
     return Experiment(
         name=name.strip(), source=source, trials=tuple(trials), description=str(data.get("description", "")),
@@ -302,9 +320,27 @@ def check_models(exp: Experiment) -> list[str]:
             problem, note = hub_weights_problem(model, weights)
             problems += [problem] if problem else []
             notes += [note] if note else []
+    problems += _compile_problems(exp)
     if problems:
         raise ConfigError(exp.source, sorted(set(problems)))
     return notes
+
+
+def compile_backends() -> list[str]:
+    """The torch.compile backends this torch knows (debug and experimental ones included). Imports torch."""
+    import torch._dynamo
+
+    return list(torch._dynamo.list_backends(exclude_tags=()))
+
+
+def _compile_problems(exp: Experiment) -> list[str]:
+    """Unknown `compile_backend` names of the compiled trials, found before a tower is built."""
+    asked = sorted({t.compile_backend for t in exp.trials if t.compile})
+    if not asked:
+        return []
+    known = compile_backends()
+    return [f"compile_backend: {name!r} is not a torch.compile backend{suggest(name, known) or ''}; "
+            f"known: {', '.join(known)}" for name in asked if name not in known]
 
 
 def _looks_like_path(value: str) -> bool:
@@ -312,13 +348,18 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _unique_key_loader():
-    """A yaml SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """A yaml SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently).
+
+    Merge keys (`<<: *defaults`) work as in YAML 1.1: the merged keys come first, a key written
+    beside them overrides them (that is not a key given twice)."""
     import yaml
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults`: merged by SafeLoader below; a key written here overrides it
                 key = self.construct_object(key_node, deep=True)
                 line = key_node.start_mark.line + 1
                 if isinstance(key, (str, int, float, bool)) and key in seen:
@@ -331,6 +372,20 @@ def _unique_key_loader():
     return UniqueKeyLoader
 
 
+def read_utf8(path: str | Path, source: str) -> str:
+    """The file's text; a file that is not UTF-8 is a ConfigError naming the byte, its position and line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, column = raw.count(b"\n", 0, exc.start) + 1, exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise ConfigError(source, [f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte position {exc.start} (line {line}, "
+                                   f"column {column}) cannot be decoded ({exc.reason}); save the file as UTF-8"]) from None
+
+
 def load_experiment(path: str | Path, *, check_names: bool = True, max_trials: int | None = MAX_TRIALS) -> Experiment:
     """Read, validate and expand an experiment file. Raises ConfigError (exit code 2 on the CLI).
 
@@ -341,10 +396,7 @@ def load_experiment(path: str | Path, *, check_names: bool = True, max_trials: i
     import yaml
 
     source = str(path)
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    text = read_utf8(path, source)
     try:
         data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
