@@ -158,6 +158,8 @@ def cmd_probe(args) -> int:
 
 def _print_record(record, as_json: bool, phase: str) -> int:
     """The record as JSON or a table; exit code 0 only when the trial ran as configured."""
+    if record.measure.mfu_note:  # a figure that cannot be right is not shown: say why, on stderr
+        print(f"warning: {record.measure.mfu_note}", file=sys.stderr)
     if as_json:
         print(json.dumps(record.flat(), indent=2, default=str))
     else:

@@ -286,10 +286,14 @@ def measure(trial, *, tower: torch.nn.Module | None = None, cache_dir: str | Pat
         return _measure(trial, tower, device, dtype, cache_dir)
 
 
-def _phase_fields(phase: str, p: _Phase, flops: int, peak_tflops: float, trial) -> dict[str, Any]:
+def _phase_fields(phase: str, p: _Phase, flops: int, peak_tflops: float, trial, device: str) -> dict[str, Any]:
+    from suite.roofline import utilisation
+
     samples_per_sec = p.batch_size / (p.timing.median_ms / 1e3)
     tflops = flops * samples_per_sec / 1e12
+    mfu, why = utilisation(phase, tflops, peak_tflops, device, trial.precision)
     return {
+        f"{phase}_mfu_note": why,
         f"{phase}_samples_per_sec": samples_per_sec,
         f"{phase}_step_time": p.timing.median_ms,
         f"{phase}_step_time_iqr": p.timing.iqr_ms,
@@ -298,7 +302,7 @@ def _phase_fields(phase: str, p: _Phase, flops: int, peak_tflops: float, trial) 
         f"{phase}_gmacs": flops / 2 / 1e9,
         f"{phase}_gflops": flops / 1e9,
         f"{phase}_tflops": tflops,
-        f"{phase}_mfu": tflops / peak_tflops,
+        f"{phase}_mfu": mfu,
         f"{phase}_peak_mem_mib": p.memory.peak.peak_mib,
         f"{phase}_peak_reserved_mib": p.memory.peak.reserved_mib,
         f"{phase}_rss_growth_mib": p.memory.peak.rss_growth_mib,
@@ -366,7 +370,9 @@ def _measure(trial, tower, device: str, dtype, cache_dir) -> MeasureResult:
     peak_tflops = device_peak_tflops(device, trial.precision, cache_dir=cache_dir)
     for phase, flops in (("infer", infer_flops), ("train", train_flops)):
         if phase in phases:
-            fields.update(_phase_fields(phase, phases[phase], flops, peak_tflops, trial))
+            fields.update(_phase_fields(phase, phases[phase], flops, peak_tflops, trial, device))
+    notes = [fields.pop(f"{phase}_mfu_note", None) for phase in ("infer", "train")]
+    fields["mfu_note"] = "; ".join(n for n in notes if n) or None
     if "train" in phases:
         fields["train_skipped_steps"] = phases["train"].skipped_steps
     fields.update(_checks(tower, trial, phases))

@@ -68,6 +68,7 @@ class MeasureResult:
     # how it was measured
     device_peak_tflops: float | None = None  # measured dense matmul peak at this precision
     mem_method: str | None = None  # how peak memory was measured (live tensors, own untimed pass)
+    mfu_note: str | None = None  # why {phase}_mfu is empty: a figure that cannot be a utilisation is not shown
     compile_time_s: float | None = None  # excluded from timings
     compile_graphs: int | None = None  # graphs dynamo compiled for this trial (0 would mean eager: an error)
     compile_graph_breaks: int | None = None

@@ -124,3 +124,33 @@ def device_peak_tflops(device: str, precision: str, *, cache_dir: str | Path | N
     os.replace(tmp, path)
     _MEMO[memo] = tflops
     return tflops
+
+
+def fast_cpu_fp16() -> bool:
+    """Whether this CPU multiplies fp16 in hardware (AMX-FP16); elsewhere fp16 matmuls are emulated."""
+    check = getattr(torch.cpu, "_is_amx_fp16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # noqa: BLE001 - a private probe: unknown means "no"
+        return False
+
+
+def utilisation(phase: str, tflops: float, peak_tflops: float, device: str, precision: str,
+                *, fast_fp16: bool | None = None) -> tuple[float | None, str | None]:
+    """MFU (achieved / measured peak) of a phase, or None and the reason it would not be a utilisation.
+
+    A figure above 100% cannot be right: the measured matmul peak does not describe what ran (fp16 on a
+    CPU without fast fp16 is the usual case: the emulated fp16 matmul is slow, and CPU autocast runs
+    convolutions and most other ops in fp32). Such an MFU is left empty with the reason, never shown.
+    """
+    if device == "cpu" and precision == "fp16" and not (fast_cpu_fp16() if fast_fp16 is None else fast_fp16):
+        return None, (f"{phase} MFU not shown: fp16 on a CPU without fast fp16 (no AMX-FP16): its fp16 matmul is "
+                      f"emulated (measured peak {peak_tflops:.3g} TFLOP/s) and autocast runs most ops in fp32, so "
+                      "no peak describes this run; use bf16 or fp32 on CPU")
+    if not peak_tflops or peak_tflops <= 0 or peak_tflops != peak_tflops:
+        return None, f"{phase} MFU not shown: no valid device peak was measured ({peak_tflops!r})"
+    mfu = tflops / peak_tflops
+    if mfu > 1.0:
+        return None, (f"{phase} MFU not shown: achieved {tflops:.3g} TFLOP/s is {mfu:.0%} of the measured {precision} "
+                      f"matmul peak ({peak_tflops:.3g} TFLOP/s), which cannot be: the peak does not describe what ran")
+    return mfu, None

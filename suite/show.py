@@ -26,6 +26,7 @@ ROWS = {
         ("train TFLOP/s (MFU)", ("train_tflops", "train_mfu"), "{:.3f} ({:.1%})"),
         ("train peak memory MiB", "train_peak_mem_mib", "{:,.1f}"),
         ("device peak TFLOP/s", "device_peak_tflops", "{:.3f}"),
+        ("MFU", "mfu_note", "{}"),
         ("memory method", "mem_method", "{}"),
         ("compile time s", "compile_time_s", "{:.1f}"),
     ],
@@ -51,6 +52,9 @@ def record_rows(record: TrialRecord, phase: str) -> list[tuple[str, str]]:
     for label, fields, fmt in ROWS[phase]:
         fields = (fields,) if isinstance(fields, str) else fields
         got = [values.get(f) for f in fields]
+        if fields[-1].endswith("_mfu") and got[0] is not None and got[1] is None:
+            rows.append((label, f"{got[0]:.3f} (MFU not shown)"))  # an impossible MFU is left empty: see mfu_note
+            continue
         if any(v is None for v in got):
             continue
         rows.append((label, fmt.format(*got)))
