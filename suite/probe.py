@@ -111,8 +111,13 @@ def few_shot(arrays: dict[str, np.ndarray], shots: list[int | None], seeds: int,
     images per class when there is none), but fitted on the k-shot sample alone: the validation
     split chooses C and never adds labels. k = None (all) is the full training split, one fit.
 
+    A k above a class's training images takes all of that class (there are no more): the entry then
+    says so, `capped: true` with `per_class` [fewest, most] images per class actually used, and the
+    report shows it beside the figure, so `k=100000` over 6 images a class never reads as 100000 shots.
+
     Returns:
-        {k or 'all': {'mean', 'std', 'min', 'max', 'top1': [per seed], 'seeds': [...]}} (percent).
+        {k or 'all': {'mean', 'std', 'min', 'max', 'top1': [per seed], 'seeds': [...], 'per_class',
+        'capped'}} (percent).
     """
     if seeds < 1:
         raise UnsupportedConfig(f"shot_seeds={seeds}: give at least 1")
@@ -130,8 +135,15 @@ def few_shot(arrays: dict[str, np.ndarray], shots: list[int | None], seeds: int,
                                refit=False, **val)
             accs.append(res.top1)
         out[str(k or "all")] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "min": min(accs),
-                                "max": max(accs), "top1": accs, "seeds": runs}
+                                "max": max(accs), "top1": accs, "seeds": runs, **shots_used(y, k)}
     return out
+
+
+def shots_used(y: np.ndarray, k: int | None) -> dict:
+    """Images per class a k-shot sample of labels `y` takes: [fewest, most], and whether k was capped."""
+    counts = np.unique(y, return_counts=True)[1]
+    taken = counts if k is None else np.minimum(counts, k)
+    return {"per_class": [int(taken.min()), int(taken.max())], "capped": bool(k is not None and k > counts.min())}
 
 
 def _knn(arrays: dict[str, np.ndarray]) -> float:

@@ -81,6 +81,15 @@ def _datasets_lines(rows: list, axes: list[str]) -> list[str]:
                                len(body))]
 
 
+def shot_cell(entry: dict) -> str:
+    """'85.0 ± 1.2', with '(capped: 6/class)' when k was more than a class had (`suite.probe.shots_used`)."""
+    text = f"{entry['mean']:.1f} ± {entry['std']:.1f}"
+    if entry.get("capped"):
+        low, high = entry.get("per_class") or ("?", "?")
+        text += f" (capped: {low}/class)" if low == high else f" (capped: {low}–{high}/class)"
+    return text
+
+
 def _few_shot_lines(rows: list, axes: list[str]) -> list[str]:
     curves = few_shot_rows(rows)
     if not curves:
@@ -89,13 +98,14 @@ def _few_shot_lines(rows: list, axes: list[str]) -> list[str]:
     body = []
     for r in curves:
         shots = get(r, "probe_shots")
-        cells = [f"{shots[k]['mean']:.1f} ± {shots[k]['std']:.1f}" if k in shots else "—" for k in keys]
+        cells = [shot_cell(shots[k]) if k in shots else "—" for k in keys]
         body.append([f"`{trial_label(r, axes)}`", dataset_of(r)] + cells)
     seeds = max(len(v.get("seeds", [])) for r in curves for v in get(r, "probe_shots").values())
     return ["", "### Few-shot probes", "",
             f"Top-1 (%) with k labeled training images per class: mean ± standard deviation over up to {seeds} "
             "seeded samples of the training split (C chosen on the validation split, which never adds labels; "
-            "`all`: the whole training split, fitted the same way).", "",
+            "`all`: the whole training split, fitted the same way). A k above a class's training images takes all "
+            "of them: such a cell says `capped` and the images per class actually used.", "",
             table(["trial", "data set"] + [f"k={k}" for k in keys], body, "ll" + "r" * len(keys))]
 
 
