@@ -295,8 +295,9 @@ def _expand_trials(grid: dict, fixed: dict, includes: list[dict], excludes: list
 
 
 def check_models(exp: Experiment) -> list[str]:
-    """Raise unknown model names (with close matches), missing checkpoints and hub weights that cannot
-    be had offline as a ConfigError; return warnings (weights that each trial will download). Imports timm.
+    """Raise unknown model names (with close matches), missing checkpoints, hub weights that cannot be had
+    offline and unknown compile backends as a ConfigError; return warnings (weights that each trial will
+    download). Imports timm (and torch._dynamo when a trial compiles).
     """
     import timm
 
