@@ -77,8 +77,11 @@ def bench_flags(trial) -> list[str]:
 
 
 def measure_at(trial, *, tree: str, timeout_s: float = 900) -> TrialRecord:
-    """Measure `trial` (timing only) with the suite code in `tree`, in a fresh process."""
+    """Measure `trial` (timing only) with the suite code in `tree`, in a fresh process, with this process's
+    torch threads (the A/B worker set them to the stored row's: the two sides must not differ in them)."""
     env = dict(os.environ, PYTHONPATH=tree, PYTHONUNBUFFERED="1")
+    if "torch" in sys.modules:
+        env["OMP_NUM_THREADS"] = str(sys.modules["torch"].get_num_threads())
     cmd = [sys.executable, "-m", "suite", "bench", *bench_flags(trial), "--json"]
     done = None
     try:

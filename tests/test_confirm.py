@@ -1,6 +1,8 @@
 """Confirming flagged throughput regressions by re-measuring them before failing the gate."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from factories import make_record, write_store
 
@@ -135,24 +137,41 @@ def test_export_commit_writes_the_commits_files_or_says_none(tmp_path):
     assert tree is not None and (tree / "suite" / "__main__.py").is_file() and not (tree / ".git").exists()
 
 
-def test_a_baseline_from_another_commit_is_rebuilt_from_its_files(tmp_path):
-    """The stored baseline figure is absurdly fast; only a rebuilt baseline lets the flag go."""
+def test_a_baseline_from_another_commit_is_rebuilt_from_its_files(tmp_path, monkeypatch):
+    """CURRENT measured by this checkout's commit, BASELINE by the commit before it: the baseline side is
+    re-measured by that commit's own files, the current side by this code, both for real, in one A/B run.
+
+    Both stored figures are absurdly fast; the re-measured ones are real. Only what holds on any machine
+    is asserted (both sides re-measured, finite, positive, far from the stored figures): which side is
+    faster on a loaded 2-core machine is noise, and the verdict on given figures is tested above.
+    """
+    import math
+    import subprocess
+
+    import suite.confirm as confirm
+    from suite.confirm import remeasure
     from suite.env import git_commit
     from suite.execute import trial_env
 
     head = (git_commit() or "").removesuffix("+dirty")
-    if not head:
-        pytest.skip("not a git checkout: no commit to rebuild from")
+    parent = subprocess.run(["git", "rev-parse", "HEAD~1"], capture_output=True, text=True,
+                            cwd=Path(confirm.__file__).parent).stdout.strip()
+    if not head or not parent:
+        pytest.skip("not a git checkout with two commits: no other commit to rebuild from")
+    monkeypatch.setattr(confirm, "checkout_commit", lambda: head)  # this code is HEAD's (a dev tree may be dirty)
     env = {k: v for k, v in vars(trial_env("cpu")).items() if v is not None}
     tiny = dict(image_size=32, embed_dim=16, batch_size=4, warmup=1, iters=2, device="cpu", mode="infer")
     a = write_store(tmp_path / "a" / "results.sqlite", [make_record(
-        "test_resnet", env={**env, "env_git_commit": head}, **tiny,
-        infer_samples_per_sec=1e6, infer_step_time=0.004, infer_step_time_iqr=0.0)])
+        "test_resnet", env={**env, "env_git_commit": parent}, **tiny,
+        infer_samples_per_sec=1e7, infer_step_time=0.0004, infer_step_time_iqr=0.0)])
     b = write_store(tmp_path / "b" / "results.sqlite", [make_record(
-        "test_resnet", env={**env, "env_git_commit": "f" * 40}, **tiny,
-        infer_samples_per_sec=8e5, infer_step_time=0.005, infer_step_time_iqr=0.0)])
-    assert compare_paths(a, b).exit_code == 1  # -20%: flagged
-    result = confirm_paths(a, b, rounds=1)
-    change = next(ch for ch in result.changes if ch.metric == "infer_samples_per_sec")
-    assert change.remeasured and change.remeasured[0] < 1e5  # really re-measured here
-    assert change.verdict == "not confirmed" and result.exit_code == 0, result.markdown
+        "test_resnet", env={**env, "env_git_commit": head}, **tiny,
+        infer_samples_per_sec=8e6, infer_step_time=0.0005, infer_step_time_iqr=0.0)])
+    comparison = compare_paths(a, b)
+    assert comparison.exit_code == 1  # -20%: flagged
+    values = remeasure(comparison, a, b, rounds=1)
+    (tid,) = {tid for _, tid, _ in values}
+    for side in ("current", "baseline"):
+        (value,) = values[(side, tid, "infer_samples_per_sec")]
+        assert math.isfinite(value) and 0 < value < 1e6, (side, value)  # really measured here, not stored
+    assert any("BASELINE rebuilt from its own code" in note for note in comparison.notes), comparison.notes
