@@ -63,7 +63,8 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path, c
 def test_zero_and_non_finite_run_flags_exit_2(tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as info:
         main(["run", experiment(tmp_path, "A"), flag, value])
-    assert info.value.code == 2 and "must be a positive" in capsys.readouterr().err
+    err = capsys.readouterr().err  # in words: "'-1' is not a whole number of workers of at least 1"
+    assert info.value.code == 2 and f"argument {flag}: {value!r} is not a" in err and "_positive" not in err
 
 
 @pytest.mark.parametrize("kwargs", [{"workers": 0}, {"timeout_s": 0}, {"timeout_s": float("inf")}])
