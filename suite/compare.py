@@ -273,6 +273,12 @@ def compare(baseline_df, current_df, thresholds: dict | None = None) -> Comparis
             continue
         if not c_envs:
             out.only_in_baseline.append(label)
+            if any(get(r, "status") == "ok" for r in b_envs.values()):  # its gated figures are all missing
+                line = (f"{label}: ran ok in baseline, absent from current: not compared, which fails the gate "
+                        "(an interrupted run? `suite run --resume` finishes it; dropped on purpose? compare "
+                        "against a baseline without it)")
+                out.status_regressions.append(line)
+                out.regressions.append(line)
             continue
         pairs = _pairs(out, b_envs, c_envs)
         if not pairs:

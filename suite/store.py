@@ -379,9 +379,26 @@ def load_results(path: str | Path):
     data = {}
     for i, name in enumerate(names):
         kind = kinds[name]
-        values = [_decode(r[i], kind) for r in rows]
-        data[name] = _column(values, kind, config=name in CONFIG_COLUMNS, pd=pd)
+        try:
+            values = [_decode(r[i], kind) for r in rows]
+            data[name] = _column(values, kind, config=name in CONFIG_COLUMNS, pd=pd)
+        except (TypeError, ValueError) as e:  # a value edited by hand into a typed column ('abc' as a float)
+            bad = next((r[i] for r in rows if not _fits(r[i], kind)), "?")
+            raise SuiteError(f"{path}: column {name!r} ({kind}) holds {bad!r}, which is not a {kind} ({e}); "
+                             "the store was changed outside the suite: restore it from a copy, or rerun the "
+                             "experiment into a new --out") from None
     return pd.DataFrame(data, columns=names)
+
+
+def _fits(value: Any, kind: str) -> bool:
+    """Whether a stored value can be read as `kind` (None always can)."""
+    if value is None or kind not in ("int", "float"):
+        return True
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _column(values: list, kind: str, *, config: bool, pd):

@@ -80,6 +80,13 @@ def test_status_change_and_unmatched_trials_are_reported():
     assert [s.split(" (")[0] for s in result.only_in_baseline] == ["`test_convnext`"]
     assert [s.split(" (")[0] for s in result.only_in_current] == ["`test_efficientnet`"]
     assert "### Only in baseline" in result.markdown and "### Only in current" in result.markdown
+    # A trial that ran ok in the baseline and is gone from the current run (an interrupted run, a deleted
+    # row) fails the gate on its own: its gated figures were never compared.
+    gone = compare(base, frame([make_record("test_vit"), make_record("test_resnet")]))
+    assert gone.exit_code == 1 and any("`test_convnext`" in r and "absent from current" in r for r in gone.regressions)
+    # ... but a trial that failed in the baseline and is gone now is no regression; new trials are none either.
+    failed_before = frame([make_record("test_vit"), make_record("test_convnext", "error", "boom")])
+    assert compare(failed_before, frame([make_record("test_vit"), make_record("test_efficientnet")])).exit_code == 0
 
 
 def test_environment_mismatch_is_reported_not_compared():

@@ -208,3 +208,20 @@ def test_reading_a_read_only_store_leaves_no_wal_or_shm_files(tmp_path):
     before = sorted(p.name for p in folder.iterdir())
     assert len(load_results(path)) == 1
     assert sorted(p.name for p in folder.iterdir()) == before == ["results.sqlite"]
+
+
+def test_a_value_edited_into_a_typed_column_is_a_clear_error(tmp_path):
+    """`UPDATE trials SET train_samples_per_sec = 'abc'` by hand: a SuiteError naming the file, the column
+    and the value (the CLI's exit 2), not a pandas traceback."""
+    import sqlite3
+
+    from suite.errors import SuiteError
+
+    path = tmp_path / "results.sqlite"
+    with ResultStore(path) as store:
+        store.write(make_record("test_vit"))
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE trials SET train_samples_per_sec = 'abc'")
+    with pytest.raises(SuiteError, match=r"column 'train_samples_per_sec' \(float\) holds 'abc'") as info:
+        load_results(path)
+    assert str(path) in str(info.value)
