@@ -223,8 +223,9 @@ def cmd_compare(args) -> int:
 
     thresholds = parse_thresholds(args.threshold) if args.threshold else None
     baseline, current = _results(args.baseline), _results(args.current)
-    if args.output:  # before any work: a folder, an input or a store in the way is found now, not after minutes
-        check_output(args.output, protect=(baseline, current))
+    for out in (args.output, args.junit):  # before any work: a folder, an input or a store in the way is found now
+        if out:
+            check_output(out, protect=(baseline, current))
     rounds = DEFAULT_CONFIRM_ROUNDS if args.confirm is None else args.confirm
     if rounds:
         from suite.confirm import confirm_paths
@@ -232,9 +233,16 @@ def cmd_compare(args) -> int:
         result = confirm_paths(baseline, current, thresholds, rounds=rounds, console=_console())
     else:
         result = compare_paths(baseline, current, thresholds)
+    from suite.ci_output import markdown, render, write_junit
+
+    text, notes = render(result, args.format)
     if args.output:
-        Path(args.output).write_text(result.markdown)
-    _print_verdict(result.markdown)
+        Path(args.output).write_text(result.markdown if args.format == "text" else markdown(result))
+    if args.junit:
+        write_junit(result, args.junit)
+    _print_verdict(text)
+    for note in notes:
+        print(note, file=sys.stderr)
     return result.exit_code
 
 
@@ -328,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", action="append", metavar="METRIC=CHANGE",
                    help="e.g. train_samples_per_sec=-3%% or probe_top1=-0.5 (repeatable)")
     p.add_argument("-o", "--output", help="also write the markdown table here")
+    p.add_argument("--format", choices=("text", "markdown", "github"), default="text",
+                   help="text: the full report; markdown: the pull request's table; github: that table appended to "
+                        "$GITHUB_STEP_SUMMARY and ::error/::warning lines (docs/ci.md)")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one test case per trial and metric")
     confirm = p.add_mutually_exclusive_group()
     confirm.add_argument("--confirm", type=_rounds, nargs="?", const=DEFAULT_CONFIRM_ROUNDS, default=None,
                          metavar="ROUNDS",

@@ -55,6 +55,7 @@ class Change:
     #               | "not confirmed" (flagged, but a re-measurement did not reproduce it)
     #               | "missing" (a gated metric stored on one side only: not compared, fails the gate)
     remeasured: tuple[float, ...] = ()  # --confirm: the re-measured current values
+    spreads: tuple[float | None, float | None] = (None, None)  # each side's own relative noise (`spread`)
 
     @property
     def rel_change(self) -> float | None:
@@ -91,6 +92,7 @@ class Comparison:
     n_compared: int = 0
     markdown: str = ""
     confirmed: bool = False  # flagged timing regressions were re-measured (`apply_confirmation`)
+    gates: dict = field(default_factory=dict)  # the thresholds applied: {metric: Threshold or None}
 
     @property
     def exit_code(self) -> int:
@@ -115,6 +117,18 @@ def _noise(metric: str, a, b) -> float | None:
     m = _TIMING_PHASE.match(metric)
     spreads = [rel_iqr(row, m.group(1)) for row in (a, b)] if m else [None]
     return None if None in spreads else sum(spreads)
+
+
+def spread(metric: str, row) -> float | None:
+    """One figure's own relative noise: IQR / median of the step time for a timing metric, the 95%
+    interval's half-width / value for a probe accuracy that stores one; None for the rest."""
+    value = num(get(row, metric))
+    lo, hi = num(get(row, f"{metric}_lo")), num(get(row, f"{metric}_hi"))
+    if lo is not None and hi is not None and value:
+        half = half_width(lo, hi)
+        return None if half is None else half / abs(value)
+    m = _TIMING_PHASE.match(metric)
+    return rel_iqr(row, m.group(1)) if m else None
 
 
 def _judge(metric: str, base: float, cur: float, threshold: Threshold | None, noise: float | None) -> str:
@@ -197,7 +211,7 @@ def _compare_pair(out: Comparison, tid: str, label: str, b, c, gates: dict[str, 
         else:
             noise = _noise(metric, b, c)
             change = Change(tid, label, metric, xb, xc, gates[metric], noise,
-                            _judge(metric, xb, xc, gates[metric], noise))
+                            _judge(metric, xb, xc, gates[metric], noise), spreads=(spread(metric, b), spread(metric, c)))
         out.changes.append(change)
         if change.verdict in ("regression", "missing"):
             out.regressions.append(_regression_line(change))
@@ -260,7 +274,7 @@ def compare(baseline_df, current_df, thresholds: dict | None = None) -> Comparis
     gates.update(thresholds or {})
     axes = sorted(set(varying_axes(baseline_df)) | set(varying_axes(current_df)), key=AXES.index)
     base, cur = _by_trial(baseline_df), _by_trial(current_df)
-    out = Comparison()
+    out = Comparison(gates=gates)
     labels = {}
     for tid in set(base) | set(cur):
         any_row = next(iter((base.get(tid) or cur.get(tid)).values()))
@@ -292,7 +306,7 @@ def compare(baseline_df, current_df, thresholds: dict | None = None) -> Comparis
     return out
 
 
-def _summary_lines(c: Comparison, gates: dict) -> list[str]:
+def summary_lines(c: Comparison, gates: dict) -> list[str]:
     """The verdict's reasons: what was compared, with which code, and what could not be."""
     missing = sum(ch.verdict == "missing" for ch in c.changes)
     lines = [f"{c.n_compared} trials compared, {len(c.regressions) - missing} regressions"
@@ -329,7 +343,7 @@ def _summary_lines(c: Comparison, gates: dict) -> list[str]:
 
 def _markdown(c: Comparison, gates: dict) -> str:
     verdict = "FAIL" if c.exit_code else "PASS"
-    lines = [f"## Regression gate: {verdict}", ""] + _summary_lines(c, gates)
+    lines = [f"## Regression gate: {verdict}", ""] + summary_lines(c, gates)
     if c.regressions:
         lines += ["", "### Regressions", ""] + [f"- {cell(r)}" for r in c.regressions]
     for title, items in (("Environment differs (not compared)", c.env_mismatch),
