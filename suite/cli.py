@@ -267,6 +267,14 @@ def stdout_to_devnull() -> None:
         os.close(devnull)
 
 
+def cmd_history(args) -> int:
+    from suite.history import parse_step, write_history
+
+    step = parse_step(args.step)
+    print(write_history([_results(p) for p in args.results], args.output, metric=args.metric, threshold=step).markdown)
+    return 0
+
+
 def cmd_export(args) -> int:
     from suite.export import export
 
@@ -350,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     confirm.add_argument("--no-confirm", dest="confirm", action="store_const", const=0,
                          help="judge the stored figures only (no re-measurement)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("history", help="a metric of each trial over the commits of result stores, with its steps")
+    p.add_argument("results", nargs="+", help="results stores (or run folders), from one experiment")
+    p.add_argument("--metric", help="default: train_samples_per_sec, else infer_samples_per_sec")
+    p.add_argument("--step", default="5%", help="smallest step named (it must also exceed the noise; default 5%%)")
+    p.add_argument("-o", "--output", help="folder for history.md and one PNG per trial")
+    p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("export", help="export results: " + ", ".join(FORMATS))
     p.add_argument("results")
