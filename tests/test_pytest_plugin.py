@@ -41,7 +41,12 @@ def test_entry_point_is_declared():
 
 
 @pytest.mark.slow
-def test_tower_bench_in_a_fresh_project(pytester):
+def test_tower_bench_in_a_fresh_project(pytester, monkeypatch):
+    # A fresh project's own pytest run, not a worker of this one: under xdist the child inherits
+    # PYTEST_XDIST_WORKER, and pytest-benchmark then leaves writing --benchmark-json to a controller
+    # that does not exist.
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
     pytester.makepyfile(test_tower=PROJECT)
     out = pytester.path / "bench.json"
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--benchmark-json={out}", "-q")
