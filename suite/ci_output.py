@@ -26,7 +26,7 @@ from suite.criteria import format_metric
 from suite.rows import cell, table
 
 FORMATS = ("text", "markdown", "github")
-MOVED = ("regression", "not confirmed", "missing")  # listed first, in this order
+MOVED = ("regression", "not confirmed", "missing", "cannot tell")  # listed first, in this order
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
 
@@ -53,15 +53,20 @@ def markdown(c: Comparison) -> str:
     """The pull request's table: regressions first, then improvements, then the unchanged count."""
     verdict = "FAIL" if c.exit_code else "PASS"
     bad = [ch for v in MOVED for ch in c.changes if ch.verdict == v]
+    failing = [ch for ch in bad if ch.verdict in ("regression", "missing")]
+    flagged = [ch for ch in bad if ch not in failing]  # not confirmed, cannot tell: shown, not failing
     better = [ch for ch in c.changes if ch.verdict == "improvement"]
     rest = len(c.changes) - len(bad) - len(better)
     lines = [f"## Regression gate: {verdict}", ""]
     other = c.status_regressions + c.env_uncompared  # failures of a whole trial, not of one figure
-    if bad or other:
-        lines += [f"### Regressions ({len(bad) + len(other)})", ""]
-        if bad:
-            lines += [_rows(bad), ""]
+    if failing or other:
+        lines += [f"### Regressions ({len(failing) + len(other)})", ""]
+        if failing:
+            lines += [_rows(failing), ""]
         lines += [f"- {cell(r)}" for r in other] + ([""] if other else [])
+    if flagged:
+        lines += [f"### Flagged, not failing ({len(flagged)}): not confirmed, or noise wider than the threshold "
+                  "(`--strict`: exit 3)", "", _rows(flagged), ""]
     if better:
         lines += [f"### Improvements ({len(better)})", "", _rows(better), ""]
     lines += [f"**{rest} figures unchanged** (within threshold or within the noise band of both runs).", ""]
@@ -91,6 +96,8 @@ def annotations(c: Comparison) -> list[str]:
     for line in c.env_uncompared:
         out.append(f"::error title={_escape_property('suite compare: other environment')}::"
                    f"{_escape_data(_plain_label(line))}")
+    for line in c.cannot_tell:
+        out.append(f"::warning title={_escape_property('suite compare: cannot tell')}::{_escape_data(_plain_label(line))}")
     for ch in c.changes:
         if ch.verdict == "not confirmed":
             again = ", ".join(format_metric(ch.metric, x) for x in ch.remeasured)

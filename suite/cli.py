@@ -2,7 +2,7 @@
 
 Each command is one library call. The flags of `bench`, `probe` and `profile` are derived from
 `suite.options.OPTIONS` (the same schema as the experiment files), never written twice.
-Exit codes: 0 success, 1 a failed trial or a regression, 2 bad input (nothing ran).
+Exit codes: 0 success, 1 a failed trial or a regression, 2 bad input (nothing ran), 3 `compare --strict`: cannot tell.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from suite.options import OPTIONS, Option, Trial
 from suite.paths import check_output
 
 EXIT_BAD_INPUT = 2
+EXIT_CANNOT_TELL = 3  # compare --strict: a change the noise of this machine hides
 GATES = ("compare",)  # commands whose exit code is a verdict: a closed stdout never changes it
 DEFAULT_CONFIRM_ROUNDS = 3
 
@@ -243,6 +244,8 @@ def cmd_compare(args) -> int:
     _print_verdict(text)
     for note in notes:
         print(note, file=sys.stderr)
+    if args.strict and not result.exit_code and result.cannot_tell:
+        return EXIT_CANNOT_TELL
     return result.exit_code
 
 
@@ -295,6 +298,31 @@ def cmd_profile(args) -> int:
 
 # --- the parser ----------------------------------------------------------------------------------
 
+def _add_compare(sub) -> None:
+    """The gate's flags (`suite compare`)."""
+    p = sub.add_parser("compare", help="regression gate: exit 1 when CURRENT is worse than BASELINE beyond noise")
+    p.add_argument("baseline")
+    p.add_argument("current")
+    p.add_argument("--threshold", action="append", metavar="METRIC=CHANGE",
+                   help="e.g. train_samples_per_sec=-3%% or probe_top1=-0.5 (repeatable)")
+    p.add_argument("-o", "--output", help="also write the markdown table here")
+    p.add_argument("--format", choices=("text", "markdown", "github"), default="text",
+                   help="text: the full report; markdown: the pull request's table; github: that table appended to "
+                        "$GITHUB_STEP_SUMMARY and ::error/::warning lines (docs/ci.md)")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one test case per trial and metric")
+    p.add_argument("--strict", action="store_true", help="exit 3 when the gate cannot tell: a change worse than "
+                   "its threshold inside a noise band wider than it (default: a warning, exit 0)")
+    confirm = p.add_mutually_exclusive_group()
+    confirm.add_argument("--confirm", type=_rounds, nargs="?", const=DEFAULT_CONFIRM_ROUNDS, default=None, metavar="ROUNDS",
+                         help=f"re-measure flagged throughput regressions ROUNDS times (default "
+                              f"{DEFAULT_CONFIRM_ROUNDS}, at most {MAX_CONFIRM_ROUNDS}) on this machine, with the code "
+                              "that measured CURRENT only (docs/gate.md), A/B interleaved with the baseline where it "
+                              "can be rebuilt, and fail only on those that hold")
+    confirm.add_argument("--no-confirm", dest="confirm", action="store_const", const=0,
+                         help="judge the stored figures only (no re-measurement)")
+    p.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from suite import __version__
 
@@ -338,26 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="report file (default: report.md beside the database)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compare", help="regression gate: exit 1 when CURRENT is worse than BASELINE beyond noise")
-    p.add_argument("baseline")
-    p.add_argument("current")
-    p.add_argument("--threshold", action="append", metavar="METRIC=CHANGE",
-                   help="e.g. train_samples_per_sec=-3%% or probe_top1=-0.5 (repeatable)")
-    p.add_argument("-o", "--output", help="also write the markdown table here")
-    p.add_argument("--format", choices=("text", "markdown", "github"), default="text",
-                   help="text: the full report; markdown: the pull request's table; github: that table appended to "
-                        "$GITHUB_STEP_SUMMARY and ::error/::warning lines (docs/ci.md)")
-    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML: one test case per trial and metric")
-    confirm = p.add_mutually_exclusive_group()
-    confirm.add_argument("--confirm", type=_rounds, nargs="?", const=DEFAULT_CONFIRM_ROUNDS, default=None,
-                         metavar="ROUNDS",
-                         help=f"re-measure flagged throughput regressions ROUNDS times (default "
-                              f"{DEFAULT_CONFIRM_ROUNDS}, at most {MAX_CONFIRM_ROUNDS}) on this machine, with the code "
-                              "that measured CURRENT only (docs/gate.md), A/B interleaved with the baseline where it "
-                              "can be rebuilt, and fail only on those that hold")
-    confirm.add_argument("--no-confirm", dest="confirm", action="store_const", const=0,
-                         help="judge the stored figures only (no re-measurement)")
-    p.set_defaults(func=cmd_compare)
+    _add_compare(sub)
 
     p = sub.add_parser("history", help="a metric of each trial over the commits of result stores, with its steps")
     p.add_argument("results", nargs="+", help="results stores (or run folders), from one experiment")

@@ -52,6 +52,7 @@ class Change:
     threshold: Threshold | None
     noise: float | None  # combined relative IQR (timing metrics only)
     verdict: str  # "regression" | "improvement" | "within noise" | "within threshold" | "unchanged" | "not gated"
+    #               | "cannot tell" (worse beyond the threshold, but within a noise band wider than it)
     #               | "not confirmed" (flagged, but a re-measurement did not reproduce it)
     #               | "missing" (a gated metric stored on one side only: not compared, fails the gate)
     remeasured: tuple[float, ...] = ()  # --confirm: the re-measured current values
@@ -93,6 +94,12 @@ class Comparison:
     markdown: str = ""
     confirmed: bool = False  # flagged timing regressions were re-measured (`apply_confirmation`)
     gates: dict = field(default_factory=dict)  # the thresholds applied: {metric: Threshold or None}
+
+    @property
+    def cannot_tell(self) -> list[str]:
+        """Changes worse than their threshold but inside a noise band wider than it: not a verdict either way."""
+        return [f"{ch.label}: {ch.metric} {ch.change_text}: noise ±{100 * ch.noise:.1f}% is wider than the threshold "
+                f"{ch.threshold.text}" for ch in self.changes if ch.verdict == "cannot tell"]
 
     @property
     def exit_code(self) -> int:
@@ -140,8 +147,8 @@ def _judge(metric: str, base: float, cur: float, threshold: Threshold | None, no
     worse = cur < base if good_up else cur > base
     rel = abs(cur - base) / abs(base) if base else float("inf")
     size = 100 * rel if threshold.relative else abs(cur - base)
-    if noise is not None and rel <= noise:
-        return "within noise"
+    if noise is not None and rel <= noise:  # worse beyond the threshold inside a wider band: not "fine"
+        return "cannot tell" if worse and size > threshold.limit else "within noise"
     if size <= threshold.limit:
         return "within threshold"
     return "regression" if worse else "improvement"
@@ -346,6 +353,8 @@ def _markdown(c: Comparison, gates: dict) -> str:
     lines = [f"## Regression gate: {verdict}", ""] + summary_lines(c, gates)
     if c.regressions:
         lines += ["", "### Regressions", ""] + [f"- {cell(r)}" for r in c.regressions]
+    if c.cannot_tell:
+        lines += ["", "### Cannot tell on this machine (exit 3 with --strict)", ""] + [f"- {cell(t)}" for t in c.cannot_tell]
     for title, items in (("Environment differs (not compared)", c.env_mismatch),
                          ("Status changed", [s for s in c.status_changes if s not in c.regressions]),
                          ("Only in baseline", c.only_in_baseline), ("Only in current", c.only_in_current)):

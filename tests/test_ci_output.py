@@ -82,7 +82,7 @@ def test_not_confirmed_is_a_warning_and_passes_junit(tmp_path):
     assert "re-measured 99.0, 100, 101" in lines[0]
     root = ET.fromstring(junit(result))
     assert root.get("failures") == "0"
-    assert "not confirmed" in markdown(result).split("### Regressions")[1]
+    assert "not confirmed" in markdown(result).split("### Flagged, not failing (1)")[1]  # listed, not failing
 
 
 def test_status_and_environment_failures_are_errors_and_junit_failures(tmp_path):

@@ -280,3 +280,28 @@ def test_an_old_store_without_the_new_environment_fields_still_compares(tmp_path
     assert "Not recorded by one side (an older store): env_cpu, env_threads" in result.markdown
     slow = _store(tmp_path / "slow", CPU, **SLOW)
     assert compare_paths(base, slow).exit_code == 1  # and a regression against it still fails
+
+
+def test_strict_turns_cannot_tell_into_exit_3_and_github_warns(tmp_path, capsys):
+    """A slowdown beyond the threshold hidden in wider noise passes with a warning; `--strict` exits 3 (a
+    regression still exits 1, a clean pass 0), and `--format github` warns about it."""
+    from factories import make_record, write_store
+
+    from suite.cli import main
+
+    def store(name, rate, iqr_rel):
+        return write_store(tmp_path / name / "results.sqlite", [make_record(
+            "test_vit", train_samples_per_sec=rate, train_step_time=32_000.0 / rate,
+            train_step_time_iqr=iqr_rel * 32_000.0 / rate)]).parent
+
+    base, noisy, tight = store("base", 100.0, 0.05), store("noisy", 92.0, 0.05), store("tight", 80.0, 0.0)
+    assert main(["compare", str(base), str(noisy), "--no-confirm"]) == 0
+    assert "Cannot tell on this machine" in capsys.readouterr().out
+    assert main(["compare", str(base), str(noisy), "--no-confirm", "--strict"]) == 3
+    assert main(["compare", str(base), str(base), "--no-confirm", "--strict"]) == 0
+    assert main(["compare", str(base), str(tight), "--no-confirm", "--strict"]) == 1
+    capsys.readouterr()
+    assert main(["compare", str(base), str(noisy), "--no-confirm", "--format", "github"]) == 0
+    out = capsys.readouterr().out
+    assert "::warning title=suite compare%3A cannot tell::" in out and "::error" not in out
+    assert "### Flagged, not failing (1)" in out
