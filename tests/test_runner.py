@@ -63,7 +63,8 @@ def alive(pid: int) -> bool:
 def test_every_status_and_replacement_after_failures():
     seen = []
     names = ["ok1", "ok2", "crash3", "ok4", "raise5", "segv6", "wrong7", "hang8", "ok9"]
-    records = run(names, timeout_s=1.5, on_result=seen.append, fn_kwargs={"measured_s": 0.25})
+    # The ok trials return at once; the limit only has to outlast a worker's reply on a loaded machine.
+    records = run(names, timeout_s=5, on_result=seen.append, fn_kwargs={"measured_s": 0.25})
     got = by_model(records)
     assert [r.trial.model for r in seen] == [r.trial.model for r in records]  # on_result once per trial
     assert sorted(got) == sorted(names)
@@ -74,7 +75,7 @@ def test_every_status_and_replacement_after_failures():
     assert got["segv6"].reason == "worker process killed by SIGSEGV"
     assert got["raise5"].reason == "RuntimeError: boom in raise5"  # one line only
     assert "TrialRecord" in got["wrong7"].reason
-    assert "timeout_s=1.5" in got["hang8"].reason
+    assert "timeout_s=5" in got["hang8"].reason
     # the same worker serves several trials; a crash or timeout gets a fresh one
     assert pid_of(got["ok1"]) == pid_of(got["ok2"])
     assert pid_of(got["ok4"]) != pid_of(got["ok1"])
@@ -85,7 +86,7 @@ def test_every_status_and_replacement_after_failures():
         assert r.env.env_torch == "fake" and r.env.env_platform.startswith("worker-")
         assert r.started_at is not None and r.finished_at >= r.started_at
         assert r.measure.measured_time_s is None and r.probe.probe_top1 is None
-    assert got["hang8"].finished_at - got["hang8"].started_at >= 1.5
+    assert got["hang8"].finished_at - got["hang8"].started_at >= 5
     assert records.measured_time_s == pytest.approx(4 * (0.25 + 0.5))
     assert not records.interrupted
     for r in records:  # no worker outlives the run
