@@ -319,7 +319,8 @@ def summary_lines(c: Comparison, gates: dict) -> list[str]:
     lines = [f"{c.n_compared} trials compared, {len(c.regressions) - missing} regressions"
              + (f", {missing} gated figures missing on one side (not compared: fails the gate)" if missing else "")
              + ". Thresholds: " + ", ".join(f"`{m}` {t.text}" for m, t in gates.items() if t is not None)
-             + "; a change within the two runs' combined step-time IQR is noise, not a regression."]
+             + "; a change within the two runs' combined step-time IQR is noise, not a regression "
+               "(a slowdown beyond its threshold inside it: cannot tell)."]
     if c.code:
         lines.append(f"Code measured: baseline {c.code['baseline']}; current {c.code['current']}.")
     flagged = [ch for ch in c.changes if is_timing(ch.metric) and ch.verdict in ("regression", "not confirmed")]
