@@ -37,6 +37,7 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           env=env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cpu_run_skips_gpu_checks_runs_cpu_parts_and_the_sweep_and_writes_json_and_markdown(tmp_path):
     """One CPU run of the whole script (but its pytest shard): the GPU checks SKIP, the rest runs."""
     exp = tmp_path / "tiny.yaml"

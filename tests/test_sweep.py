@@ -38,6 +38,7 @@ def write_experiment(tmp_path: Path, text: str = EXPERIMENT, name: str = "exp.ya
     return path
 
 
+@pytest.mark.slow
 def test_sweep_with_two_workers_stores_every_trial_then_resume_runs_nothing(tmp_path):
     exp = write_experiment(tmp_path)
     out = tmp_path / "out"
@@ -90,6 +91,7 @@ def count_rows(db: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_driver_loses_only_trials_in_flight_and_resume_completes(tmp_path):
     exp = write_experiment(tmp_path, """
         name: killme
@@ -141,6 +143,7 @@ assert not heavy, f"the sweep driver imported {heavy}"
 """
 
 
+@pytest.mark.slow
 def test_the_driver_never_imports_torch_and_its_records_share_the_workers_env(tmp_path):
     exp = write_experiment(tmp_path, SMALL)
     out = tmp_path / "out"
