@@ -221,7 +221,9 @@ def render(h: History) -> str:
     lines = [f"## History of `{h.metric}` over {len(h.commits)} commits", "",
              "Commits, oldest first: " + ", ".join(f"{i + 1}. `{short(c)}`" for i, c in enumerate(h.commits)) + ".",
              f"A step is named when the medians on its two sides differ by more than {100 * h.threshold:.0f}% and "
-             "more than the figures' own noise (IQR / median of the step time on each side, summed).", ""]
+             "more than the figures' own noise (IQR / median of the step time on each side, summed). That noise is "
+             "within a run: drift between runs (large on a shared CPU) is not in it, so confirm a step with "
+             "`suite compare`, which re-measures.", ""]
     body = []
     for s in h.series:
         at = {p.commit: p for p in s.points}
