@@ -121,8 +121,7 @@ def _noise(metric: str, a, b) -> float | None:
         base = num(get(a, metric))
         if None not in halves and base:
             return math.hypot(*halves) / abs(base)
-    m = _TIMING_PHASE.match(metric)
-    spreads = [rel_iqr(row, m.group(1)) for row in (a, b)] if m else [None]
+    spreads = [spread(metric, row) for row in (a, b)]  # timing: each run's step-time IQR / median, summed
     return None if None in spreads else sum(spreads)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections import Counter
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -331,9 +332,7 @@ def _write_open_clip(df, db: Path, out_path: str | Path | None, trial_id: str | 
 def _require_rows(df, db: Path, fmt: str, trial_id: str | None) -> None:
     """Refuse an export that would write no result (an empty file with exit 0 looked like a success):
     csv and parquet hold every row, whatever its status; timm-csv and pytest-benchmark only ok trials."""
-    statuses: dict[str, int] = {}
-    for r in rows_of(df):
-        statuses[str(get(r, "status"))] = statuses.get(str(get(r, "status")), 0) + 1
+    statuses = Counter(str(get(r, "status")) for r in rows_of(df))
     if statuses.get("ok") or (statuses and fmt in ("csv", "parquet")):
         return
     held = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items())) or "no trials at all"
@@ -382,10 +381,10 @@ def export(db_path: str | Path, fmt: str, out_path: str | Path | None = None, *,
         raise SuiteError(f"export format {fmt!r} is not one of {', '.join(FORMATS)}{suggest(fmt, FORMATS, n=1)}")
     db = resolve_path(db_path)
     df = load_results(db)
-    if out_path:  # before any work: never a folder in the way, the database itself or another store
-        check_output(out_path, protect=(db,), folder_name=DEFAULT_NAMES.get(fmt, "open_clip.json"))
-    if fmt == "open-clip-config":
+    if fmt == "open-clip-config":  # checks its own outputs (named after the trial) before writing
         return _write_open_clip(df, db, out_path, trial_id)
+    if out_path:  # before any work: never a folder in the way, the database itself or another store
+        check_output(out_path, protect=(db,), folder_name=DEFAULT_NAMES[fmt])
     df = _filter(df, trial_id)
     _require_rows(df, db, fmt, trial_id)
     out = output_file(out_path, DEFAULT_NAMES[fmt]) if out_path else db.parent / DEFAULT_NAMES[fmt]

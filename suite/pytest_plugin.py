@@ -44,6 +44,16 @@ def pytest_addoption(parser) -> None:
     group.addoption("--tower-store", metavar="PATH", help="also store every tower_bench record in this results store")
 
 
+def pytest_configure(config) -> None:
+    """A --tower-confirm outside 0..MAX_CONFIRM_ROUNDS is refused before any test runs, as `suite compare
+    --confirm` refuses it (each round re-measures a flagged tower once)."""
+    from suite.criteria import MAX_CONFIRM_ROUNDS
+
+    rounds = config.getoption("tower_confirm")
+    if not 0 <= rounds <= MAX_CONFIRM_ROUNDS:
+        raise pytest.UsageError(f"--tower-confirm {rounds}: give a whole number from 0 to {MAX_CONFIRM_ROUNDS}")
+
+
 def _trial(fields: dict):
     from suite.options import Trial
 

@@ -93,3 +93,20 @@ def test_baseline_gate_uses_stored_figures_and_confirms(tmp_path):
     assert gate(make_record("test_vit"), base) is None
     elsewhere = gate(make_record("test_resnet", env_threads=64), base)
     assert elsewhere.exit_code == 1 and "threads 2 vs 64" in elsewhere.env_uncompared[0]
+
+
+def test_tower_confirm_is_bounded_before_any_test_runs():
+    """--tower-confirm is checked like `suite compare --confirm`: a huge count is a typo, refused at configure."""
+    from types import SimpleNamespace
+
+    from suite.criteria import MAX_CONFIRM_ROUNDS
+    from suite.pytest_plugin import pytest_configure
+
+    def config(rounds):
+        return SimpleNamespace(getoption=lambda name: {"tower_confirm": rounds}[name])
+
+    for ok in (0, 2, MAX_CONFIRM_ROUNDS):
+        pytest_configure(config(ok))
+    for bad in (-1, MAX_CONFIRM_ROUNDS + 1, 10**21):
+        with pytest.raises(pytest.UsageError, match=f"--tower-confirm {bad}: give a whole number from 0 to"):
+            pytest_configure(config(bad))
