@@ -41,9 +41,9 @@ class _Slowed:
 
 
 def slower_trial(trial, factor: float = 0.10):
-    """`suite.execute.run_trial` with every measured step `factor` slower (runs in a worker)."""
-    import suite.measure as measure
-    from suite.execute import run_trial
+    """`suite.sweep.trial.run_trial` with every measured step `factor` slower (runs in a worker)."""
+    import suite.measurement.engine as measure
+    from suite.sweep.trial import run_trial
 
     make_step = measure.step_fn
 
@@ -59,8 +59,8 @@ def slower_trial(trial, factor: float = 0.10):
 
 
 def _gate(base: Path, cur: Path, confirm: int, fn: str, fn_kwargs: dict | None, baseline_fn: str | None = None) -> str:
-    from suite.compare import compare_paths, is_timing
-    from suite.confirm import confirm_paths
+    from suite.gate.compare import compare_paths, is_timing
+    from suite.gate.confirm import confirm_paths
 
     plain = compare_paths(base, cur)
     timing = sum(is_timing(ch.metric) and ch.verdict == "regression" for ch in plain.changes)
@@ -76,9 +76,9 @@ def _gate(base: Path, cur: Path, confirm: int, fn: str, fn_kwargs: dict | None, 
 
 def _slow_run(exp_path: str, out: Path, like: Path, slowdown: float) -> Path:
     """The experiment's trials through `slower_trial`, stored like a sweep stores them."""
-    from suite.config import load_experiment
-    from suite.runner import run_trials
-    from suite.store import ResultStore, load_meta
+    from suite.experiment.spec import load_experiment
+    from suite.results.store import ResultStore, load_meta
+    from suite.sweep.pool import run_trials
 
     exp = load_experiment(exp_path)
     db = out / "results.sqlite"
@@ -100,8 +100,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))  # workers import `bench_gate:slower_trial`
-    from suite.sweep import run_experiment
-    from suite.workers import DEFAULT_FN
+    from suite.sweep.driver import run_experiment
+    from suite.sweep.workers import DEFAULT_FN
 
     root = Path(args.out or tempfile.mkdtemp(prefix="bench-gate-"))
     runs = []

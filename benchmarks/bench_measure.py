@@ -37,14 +37,14 @@ OTHER_TRIALS = (("test_vit", "both"), ("test_convnext", "train"), ("test_efficie
 
 
 def _trial(args, mode: str):
-    from suite.options import Trial
+    from suite.core.options import Trial
 
     return Trial(model=args.model, image_size=args.image_size, batch_size=args.batch_size, embed_dim=args.embed_dim,
                  device="cpu", mode=mode, warmup=args.warmup, iters=args.iters, min_time_s=args.min_time_s)
 
 
 def _measure(trial, cache_dir: str) -> dict:
-    from suite.measure import measure
+    from suite.measurement.engine import measure
 
     start = time.perf_counter()
     r = measure(trial, cache_dir=cache_dir)
@@ -56,11 +56,11 @@ def _measure(trial, cache_dir: str) -> dict:
 def hand_loop(tower, x, warmup: int, iters: int, train: bool, min_time_s: float = 0.0) -> float:
     """timm benchmark.py's loop: warm-up, then perf_counter around each step; samples/s over the loop.
     With `min_time_s`, as many steps as last that long (sized from the last warm-up step, as
-    `suite.timing.round_steps` sizes the suite's rounds) if more than `iters`."""
+    `suite.measurement.timing.round_steps` sizes the suite's rounds) if more than `iters`."""
     import torch
 
-    from suite.steps import contrastive_loss
-    from suite.timing import round_steps
+    from suite.measurement.steps import contrastive_loss
+    from suite.measurement.timing import round_steps
 
     if train:
         tower.train()
@@ -95,7 +95,7 @@ def child(args) -> dict:
     """One case, in this (fresh) process."""
     import torch
 
-    from suite.steady import allocator, steady_allocator
+    from suite.machine.allocator import allocator, steady_allocator
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,7 +106,7 @@ def child(args) -> dict:
     if case.startswith("cold-"):
         return _measure(_trial(args, case.split("-")[1]), cache_dir) | {"allocator": allocator()}
     if case == "warm":
-        from suite.options import Trial
+        from suite.core.options import Trial
 
         for model, mode in OTHER_TRIALS:
             _measure(Trial(model=model, image_size=args.image_size, batch_size=args.batch_size, device="cpu",
@@ -122,9 +122,9 @@ def child(args) -> dict:
 def fidelity(args, cache_dir: str) -> dict:
     import torch
 
-    from suite.measure import measure
-    from suite.steps import make_inputs
-    from suite.tower import build_tower
+    from suite.measurement.engine import measure
+    from suite.measurement.steps import make_inputs
+    from suite.tower.model import build_tower
 
     trial = _trial(args, "both")
     torch.manual_seed(0)
@@ -145,8 +145,8 @@ def floor(args) -> dict:
     as many steps as two of the suite's rounds. Its spread over processes is what no harness can beat."""
     import torch
 
-    from suite.steps import make_inputs
-    from suite.tower import build_tower
+    from suite.measurement.steps import make_inputs
+    from suite.tower.model import build_tower
 
     trial = _trial(args, "both")
     torch.manual_seed(0)

@@ -5,10 +5,10 @@
 
 For each model (train phase, fp32, CPU):
 
-1. predicted: `suite.footprint.phase_memory` at `--batch-size` (the memory pass at that batch and
+1. predicted: `suite.measurement.footprint.phase_memory` at `--batch-size` (the memory pass at that batch and
    at half of it, as every trial does), the line `peak = fixed + per_sample * batch` through the
-   two points, and the largest batch under the budget (`suite.capacity.predict_max_batch`);
-2. measured: `suite.capacity.search_max_batch`, doubling then bisecting from `--batch-size`, each
+   two points, and the largest batch under the budget (`suite.measurement.capacity.predict_max_batch`);
+2. measured: `suite.measurement.capacity.search_max_batch`, doubling then bisecting from `--batch-size`, each
    try a full memory pass whose measured live-tensor peak must stay within the budget (on CPU
    nothing really runs out of memory: the budget is the live-tensor count, as in the suite);
 
@@ -24,12 +24,12 @@ import time
 def one_model(model: str, args) -> dict:
     import torch
 
-    from suite.capacity import predict_max_batch, search_max_batch
-    from suite.footprint import memory_pass, phase_memory
-    from suite.memory import MemoryBaseline
-    from suite.options import Trial
-    from suite.steps import make_inputs
-    from suite.tower import build_tower
+    from suite.core.options import Trial
+    from suite.measurement.capacity import predict_max_batch, search_max_batch
+    from suite.measurement.footprint import memory_pass, phase_memory
+    from suite.measurement.memory import MemoryBaseline
+    from suite.measurement.steps import make_inputs
+    from suite.tower.model import build_tower
 
     trial = Trial(model=model, image_size=args.image_size, batch_size=args.batch_size, device="cpu", mode="train",
                   mem_budget_mib=args.budget_mib)

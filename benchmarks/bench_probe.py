@@ -1,7 +1,7 @@
 """Linear-probe benchmarks (prints figures; no pass/fail).
 
 1. Classifier: 50,000 x 768 synthetic features, 100 classes (Gaussian clusters with enough noise that
-   the accuracy is far from 100%), 10,000 test samples. Times `suite.classifier.linear_probe` (full C sweep
+   the accuracy is far from 100%), 10,000 test samples. Times `suite.probe.classifier.linear_probe` (full C sweep
    on a held-out 20% of train + refit on all of train) and compares its test top-1 with scikit-learn
    lbfgs run to convergence at the chosen C. Target: under 60 s on 2 CPU cores, within 0.5 points.
 2. Extraction: `extract_features` throughput (data loading included) against the tower's raw
@@ -34,7 +34,7 @@ def synthetic_features(n: int, d: int, k: int, noise: float, seed: int = 0):
 def bench_classifier(args) -> None:
     import torch
 
-    from suite.classifier import DEFAULT_CS, l2_normalize, linear_probe
+    from suite.probe.classifier import DEFAULT_CS, l2_normalize, linear_probe
 
     n_train, n_test, d, k = 50_000, 10_000, 768, 100
     x, y = synthetic_features(n_train + n_test, d, k, args.noise)
@@ -88,18 +88,18 @@ def bench_extraction(args) -> None:
     from sklearn.datasets import load_digits
     from torch.utils.data import DataLoader
 
-    import suite.images
-    from suite.features import extract_features, feature_loader
-    from suite.images import ArrayImages, FileImages, eval_transform
-    from suite.options import Trial
-    from suite.tower import build_tower
+    import suite.probe.images
+    from suite.core.options import Trial
+    from suite.probe.features import extract_features, feature_loader
+    from suite.probe.images import ArrayImages, FileImages, eval_transform
+    from suite.tower.model import build_tower
 
     # One thread by default: the machine may be shared, and two threads contending with other
     # processes make every figure noisy. The figures of one model are measured back to back.
     torch.set_num_threads(args.threads)
     print(f"== extraction on {args.device} (torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs)")
     digits = load_digits()
-    gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # as suite.data's digits
+    gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # as suite.probe.datasets's digits
     for model, size, batch in ((args.small_model, 64, 64), (args.big_model, 224, 32)):
         trial = Trial(model=model, image_size=size, dataset="digits", probe_batch_size=batch)
         torch.manual_seed(0)
@@ -113,7 +113,7 @@ def bench_extraction(args) -> None:
         stream_x, _, stream = extract_features(tower, DataLoader(ds, batch_size=batch), args.device)
         # The probe's path: the first pass preprocesses the split, later trials at this size reuse it.
         loader = feature_loader(ds, batch, args.device)
-        assert isinstance(loader, suite.images.PreparedBatches), type(loader)
+        assert isinstance(loader, suite.probe.images.PreparedBatches), type(loader)
         first_x, _, first = extract_features(tower, loader, args.device)
         n_done, elapsed = 0, 0.0
         while elapsed < args.seconds:  # several passes: one is short at this speed

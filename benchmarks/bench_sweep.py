@@ -20,8 +20,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12, help="trials in the sweep (embed_dim values)")
     args = parser.parse_args()
 
-    from suite.store import load_results
-    from suite.sweep import run_experiment
+    from suite.results.store import load_results
+    from suite.sweep.driver import run_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
         dims = ", ".join(str(8 * (i + 1)) for i in range(args.trials))

@@ -39,8 +39,8 @@ def results_500(tmp_path_factory):
 
 
 def test_report_render_500_trials(benchmark, results_500):
-    from suite.report import render
-    from suite.store import load_meta, load_results
+    from suite.report.render import render
+    from suite.results.store import load_meta, load_results
 
     df, meta = load_results(results_500), load_meta(results_500)
     text = benchmark(render, df, meta)
@@ -48,7 +48,7 @@ def test_report_render_500_trials(benchmark, results_500):
 
 
 def test_store_write_one_trial(benchmark, tmp_path):
-    from suite.store import ResultStore
+    from suite.results.store import ResultStore
 
     store = ResultStore(tmp_path / "results.sqlite")
     records = iter([make_record(embed_dim=i + 1) for i in range(100_000)])
@@ -57,7 +57,7 @@ def test_store_write_one_trial(benchmark, tmp_path):
 
 
 def test_linear_probe_digits_sized(benchmark):
-    from suite.classifier import linear_probe
+    from suite.probe.classifier import linear_probe
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(10, 64))
@@ -68,12 +68,12 @@ def test_linear_probe_digits_sized(benchmark):
 
 
 def test_suite_inference_step_test_vit(benchmark):
-    """One inference step as suite.measure runs it: pytest-benchmark's view of the same step."""
+    """One inference step as suite.measurement.engine runs it: pytest-benchmark's view of the same step."""
     import torch
 
-    from suite.steps import infer_step_fn, make_inputs
-    from suite.options import Trial
-    from suite.tower import build_tower
+    from suite.core.options import Trial
+    from suite.measurement.steps import infer_step_fn, make_inputs
+    from suite.tower.model import build_tower
 
     trial = Trial(model="test_vit", embed_dim=64, image_size=96, batch_size=16, device="cpu")
     torch.manual_seed(0)

@@ -11,15 +11,24 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "run_experiment": ("suite.sweep", "run_experiment"),
-    "load_results": ("suite.store", "load_results"),
-    "load_experiment": ("suite.config", "load_experiment"),
-    "Trial": ("suite.options", "Trial"),
-    "measure": ("suite.measure", "measure"),
-    "TimmTower": ("suite.tower", "TimmTower"),
+    "run_experiment": ("suite.sweep.driver", "run_experiment"),
+    "load_results": ("suite.results.store", "load_results"),
+    "load_experiment": ("suite.experiment.spec", "load_experiment"),
+    "Trial": ("suite.core.options", "Trial"),
+    "run_trial": ("suite.sweep.trial", "run_trial"),
+    "measure": ("suite.measurement.engine", "measure"),
+    "TimmTower": ("suite.tower.model", "TimmTower"),
+    "build_tower": ("suite.tower.model", "build_tower"),
+    "probe_trial": ("suite.probe.engine", "probe_trial"),
+    "linear_probe": ("suite.probe.classifier", "linear_probe"),
+    "compare_paths": ("suite.gate.compare", "compare_paths"),
 }
 
 __all__ = sorted(_LAZY)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def __getattr__(name: str):
@@ -27,5 +36,9 @@ def __getattr__(name: str):
         import importlib
 
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+        value = getattr(importlib.import_module(module), attr)
+        # Cached as a real attribute: later lookups no longer reach __getattr__, so no submodule
+        # that an import sets on the package can shadow a public name.
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'suite' has no attribute {name!r}")

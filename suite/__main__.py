@@ -1,7 +1,7 @@
 """`python -m suite ...`: the command line without installing the package (e.g. `PYTHONPATH=.`)."""
 import sys
 
-from suite.cli import main
+from suite.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

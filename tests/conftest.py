@@ -12,7 +12,6 @@ import tempfile
 
 import pytest
 
-
 XDIST_WORKERS = 2  # the CI machine's cores; more workers only queue on them
 
 
@@ -81,9 +80,9 @@ class FakeClock:
 
 @pytest.fixture()
 def fake_clock(monkeypatch) -> FakeClock:
-    """Replace the clock of `suite.timing` (the module that times steps) with a `FakeClock`."""
-    import suite.timing
+    """Replace the clock of `suite.measurement.timing` (the module that times steps) with a `FakeClock`."""
+    import suite.measurement.timing
 
     clock = FakeClock()
-    monkeypatch.setattr(suite.timing, "time", clock)
+    monkeypatch.setattr(suite.measurement.timing, "time", clock)
     return clock

@@ -1,11 +1,12 @@
-"""Records for tests and benchmarks, built from the contract dataclasses directly (no torch)."""
+"""What tests share: records built from the contract dataclasses directly (no torch), stores, trials,
+an image folder of digits, and the command line run in process."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from suite.options import Trial
-from suite.records import Env, MeasureResult, ProbeResult, TrialRecord, field_names
-from suite.store import ResultStore
+from suite.core.options import Trial
+from suite.core.records import Env, MeasureResult, ProbeResult, TrialRecord, field_names
+from suite.results.store import ResultStore
 
 CPU = dict(env_device="cpu", env_torch="2.14.1", env_timm="1.0.31", env_cpu="AMD EPYC", env_threads=2,
            env_python="3.11.7", env_platform="Linux")
@@ -48,3 +49,55 @@ def write_store(path: Path, records, meta: dict | None = None) -> Path:
         for k, v in (meta or {}).items():
             store.set_meta(k, v)
     return path
+
+
+def data_trial(**kw) -> Trial:
+    kw.setdefault("model", "test_vit")
+    kw.setdefault("image_size", 32)
+    return Trial(**kw)
+
+
+def digits_trial(**kw) -> Trial:
+    base = dict(model="test_vit", image_size=32, dataset="digits", max_per_class=20, device="cpu",
+                probe_batch_size=64)
+    base.update(kw)
+    return Trial(**base)
+
+
+def write_digits_folder(root: Path, classes=(0, 1, 2), per_class: int = 6, splits: tuple[str, ...] = (),
+                        size: int = 16) -> Path:
+    """Write digits as PNG files: root/<class>/<i>.png, or root/<split>/<class>/<i>.png."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for split in splits or ("",):
+        for c in classes:
+            folder = root / split / f"digit{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            idx = np.flatnonzero(d.target == c)
+            offset = {"": 0, "train": 0, "val": per_class, "test": 2 * per_class}[split]
+            for i in idx[offset:offset + per_class]:
+                img = np.round(d.images[i] * 255 / 16).astype(np.uint8)
+                Image.fromarray(img).resize((size, size)).save(folder / f"{i}.png")
+    return root
+
+
+def run_cli(*argv: str):
+    """`suite ARGV` in this process (the command line is `suite.cli.main.main`; a fresh interpreter would only
+    import torch again): its exit code and what it printed. `test_import_suite_and_cli_help_do_not_import_torch`
+    and the sweep tests run the real executable."""
+    import contextlib
+    import io
+    import subprocess
+
+    from suite.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["suite", *argv], code, out.getvalue(), err.getvalue())

@@ -13,17 +13,18 @@ import pytest
 import timm  # noqa: F401 - imported while collecting, not inside a test that checks model names
 from factories import make_record, write_store
 
-import suite.config as config
-import suite.execute
-import suite.measure as measure
-from suite.cli import main
-from suite.config import ConfigError, load_experiment, parse_experiment
-from suite.export import export
-from suite.errors import SuiteError
-from suite.probe import few_shot, shots_used
-from suite.probe_report import probe_section, shot_cell
-from suite.roofline import utilisation
-from suite.show import record_rows
+import suite.experiment.checks as checks
+import suite.experiment.spec as config
+import suite.measurement.engine as measure
+import suite.sweep.trial
+from suite.cli.main import main
+from suite.cli.show import record_rows
+from suite.core.errors import SuiteError
+from suite.experiment.spec import ConfigError, load_experiment, parse_experiment
+from suite.measurement.roofline import utilisation
+from suite.probe.engine import few_shot, shots_used
+from suite.report.export import export
+from suite.report.probe import probe_section, shot_cell
 
 
 def _yaml(tmp_path, text: str | bytes, name: str = "exp.yaml"):
@@ -54,7 +55,7 @@ def test_report_and_compare_never_write_over_a_store(tmp_path, capsys):
 
 
 def test_an_unwritable_output_folder_is_refused_first(tmp_path):
-    from suite.paths import check_output
+    from suite.core.paths import check_output
 
     (tmp_path / "file").write_text("")
     with pytest.raises(SuiteError, match="is a file, not a folder"):
@@ -115,8 +116,8 @@ def test_validate_yes_counts_a_huge_grid_before_expanding_it(tmp_path, monkeypat
 
 
 def test_an_unknown_compile_backend_is_refused_before_building(monkeypatch, capsys):
-    monkeypatch.setattr(config, "compile_backends", lambda: ["aot_eager", "cudagraphs", "eager", "inductor"])
-    monkeypatch.setattr(suite.execute, "run_trial", lambda *a, **k: pytest.fail("a tower was built"))
+    monkeypatch.setattr(checks, "compile_backends", lambda: ["aot_eager", "cudagraphs", "eager", "inductor"])
+    monkeypatch.setattr(suite.sweep.trial, "run_trial", lambda *a, **k: pytest.fail("a tower was built"))
     argv = ["bench", "--model", "test_resnet", "--device", "cpu", "--compile", "--compile-backend"]
     assert main([*argv, "inductr"]) == 2
     err = capsys.readouterr().err
@@ -125,7 +126,7 @@ def test_an_unknown_compile_backend_is_refused_before_building(monkeypatch, caps
 
 
 def test_the_backend_list_comes_from_torch():
-    assert "inductor" in config.compile_backends()
+    assert "inductor" in checks.compile_backends()
 
 
 # --- 8. export of a store without results ----------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_the_measured_record_carries_the_reason(monkeypatch):
     peak = types.SimpleNamespace(peak_mib=1.0, reserved_mib=None, rss_growth_mib=None)
     phase = types.SimpleNamespace(batch_size=4, timing=timing, memory=types.SimpleNamespace(peak=peak))
     trial = types.SimpleNamespace(precision="fp16", image_size=32, noise_threshold=0.05)
-    monkeypatch.setattr("suite.roofline.fast_cpu_fp16", lambda: False)
+    monkeypatch.setattr("suite.measurement.roofline.fast_cpu_fp16", lambda: False)
     fields = measure._phase_fields("infer", phase, 2_000_000, 0.003, trial, "cpu")
     assert fields["infer_mfu"] is None and "fp16 on a CPU" in fields["infer_mfu_note"]
     assert fields["infer_tflops"] == pytest.approx(0.0008)
@@ -171,7 +172,7 @@ def test_bench_warns_and_shows_no_mfu(monkeypatch, capsys):
     record = make_record("test_resnet", infer_tflops=0.005, infer_mfu=None,
                          mfu_note="infer MFU not shown: fp16 on a CPU without fast fp16")
     assert ("infer TFLOP/s (MFU)", "0.005 (MFU not shown)") in record_rows(record, "measure")
-    monkeypatch.setattr(suite.execute, "run_trial", lambda trial: record)
+    monkeypatch.setattr(suite.sweep.trial, "run_trial", lambda trial: record)
     assert main(["bench", "--model", "test_resnet", "--device", "cpu", "--precision", "fp16", "--json"]) == 0
     assert "warning: infer MFU not shown: fp16 on a CPU without fast fp16" in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 
-from suite.records import Env, MeasureResult, ProbeResult, TrialRecord
+from suite.core.records import Env, MeasureResult, ProbeResult, TrialRecord
 
 
 def behave(trial, *, slow_s: float = 0.5, measured_s: float = 0.25, marker_dir: str | None = None,
@@ -50,7 +50,7 @@ def noop(trial) -> TrialRecord:
 
 
 def fake_env(device: str) -> Env:
-    """A cheap stand-in for `suite.env.capture_env` that marks the worker it ran in."""
+    """A cheap stand-in for `suite.machine.env.capture_env` that marks the worker it ran in."""
     return Env(env_device=device, env_torch="fake", env_platform=f"worker-{os.getpid()}")
 
 

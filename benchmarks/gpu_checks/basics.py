@@ -76,7 +76,7 @@ def _has_dynamo_flag() -> bool:
 def _gpu_facts() -> dict:
     import torch
 
-    from suite.env import _run
+    from suite.machine.env import _run
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     smi = _run(["nvidia-smi", "--query-gpu=name,power.limit,clocks.max.sm,persistence_mode,ecc.mode.current",
@@ -88,7 +88,7 @@ def _gpu_facts() -> dict:
 
 def check_env(ctx: Context) -> Result:
     """The fingerprint every row carries, plus the packages and torch APIs the GPU paths rely on."""
-    from suite.env import capture_env
+    from suite.machine.env import capture_env
 
     env = dataclasses.asdict(capture_env("cuda" if ctx.cuda else "cpu"))
     figures = {"env": env, "packages": _packages(), "torch_apis": _torch_apis()}
@@ -116,9 +116,9 @@ def check_roofline(ctx: Context) -> Result:
     """bf16 peak in the card's band; strict fp32 far below TF32; the figures cached per device."""
     import torch
 
-    from suite import roofline
-    from suite.device import strict_fp32
-    from suite.env import device_name
+    from suite.machine.device import strict_fp32
+    from suite.machine.env import device_name
+    from suite.measurement import roofline
 
     folder = ctx.cache_dir / "roofline"
     t0 = time.perf_counter()
@@ -170,7 +170,7 @@ def check_strict_fp32(ctx: Context) -> Result:
     """Under `strict_fp32` a matmul and a convolution match float64 to ~1e-5; with TF32 they do not."""
     import torch
 
-    from suite.device import strict_fp32, tf32_enabled
+    from suite.machine.device import strict_fp32, tf32_enabled
 
     g = torch.Generator(device="cuda").manual_seed(0)
     a, b = (torch.randn(1024, 1024, device="cuda", generator=g) for _ in range(2))
@@ -191,7 +191,7 @@ def _meta_counts(tower) -> dict[str, int]:
     """Inference and training FLOPs of `tower` on the meta device (batch 2), and its attention matmuls."""
     import torch
 
-    from suite.flops import count_flops, flop_counter
+    from suite.measurement.flops import count_flops, flop_counter
 
     meta = copy.deepcopy(tower).to("meta")
     x = torch.empty(2, 3, 224, 224, device="meta")
@@ -206,8 +206,8 @@ def _cuda_counts(tower, backend: str) -> dict:
     """FLOPs on CUDA under bf16 autocast with one SDPA backend forced, and the dtypes/ops seen."""
     import torch
 
-    from suite.flops import count_flops
-    from suite.measure import _MatmulDtypes
+    from suite.measurement.engine import _MatmulDtypes
+    from suite.measurement.flops import count_flops
 
     class Seen(_MatmulDtypes):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -236,16 +236,16 @@ def check_flops(ctx: Context) -> Result:
     """vit_base FLOPs on CUDA/bf16 equal the meta count (±0.1%) under each SDPA backend; bf16 is seen."""
     import torch
 
-    from suite.device import place
-    from suite.measure import _count_flops
-    from suite.tower import build_tower
+    from suite.machine.device import place
+    from suite.measurement.engine import _count_flops
+    from suite.tower.model import build_tower
 
     t = trial(model="vit_base_patch16_224", pool="token", precision="bf16", mode="infer")
     torch.manual_seed(0)
     tower = build_tower(t)
     meta = _meta_counts(tower)
     # Fused attention backward kernels recompute the scores (q k^T): PyTorch's formulas and
-    # suite.flops's CPU formula count it, the meta device's math path (bmm autograd) does not.
+    # suite.measurement.flops's CPU formula count it, the meta device's math path (bmm autograd) does not.
     meta["train_fused"] = meta["train"] + meta["attention_bmm"] // 2
     place(tower, "cuda")
     suite_infer, _ = _count_flops(tower, t, "cuda", torch.bfloat16, cache=False)  # raises if bf16 is not seen

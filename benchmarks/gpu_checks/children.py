@@ -12,8 +12,8 @@ from gpu_checks.stages import cpu_trial_child
 
 def measure_child(trial: dict, cache_dir: str) -> dict:
     """A trial measured as the first measurement of this process (the cold case)."""
-    from suite.measure import measure
-    from suite.options import Trial
+    from suite.core.options import Trial
+    from suite.measurement.engine import measure
 
     return dataclasses.asdict(measure(Trial(**trial), cache_dir=cache_dir))
 

@@ -115,7 +115,7 @@ def time_cap(seconds: float, exc: type[BaseException] = CheckTimeout) -> Iterato
 
 def release() -> None:
     """Free what a check left (garbage, the CUDA cache) without creating a CUDA context."""
-    from suite.execute import release_memory
+    from suite.sweep.trial import release_memory
 
     release_memory()
 
@@ -192,8 +192,8 @@ def rounded(value: Any, digits: int = 4) -> Any:
 
 
 def trial(**kw):
-    """A `suite.options.Trial` on CUDA with random init (no network on the GPU machine)."""
-    from suite.options import Trial
+    """A `suite.core.options.Trial` on CUDA with random init (no network on the GPU machine)."""
+    from suite.core.options import Trial
 
     kw.setdefault("device", "cuda")
     kw.setdefault("pretrained", False)
@@ -202,7 +202,7 @@ def trial(**kw):
 
 def _tf32_switches() -> list[tuple[object, str, object]]:
     """(object, attribute, value that allows TF32) for matmuls and convolutions, in the API
-    `suite.device.strict_fp32` uses: torch's `fp32_precision` where it exists, else `allow_tf32`."""
+    `suite.machine.device.strict_fp32` uses: torch's `fp32_precision` where it exists, else `allow_tf32`."""
     import torch
 
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn

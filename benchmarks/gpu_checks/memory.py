@@ -11,7 +11,7 @@ MIB = 2**20
 def _allocated_mib() -> float:
     import torch
 
-    from suite.execute import release_memory
+    from suite.sweep.trial import release_memory
 
     release_memory()
     return torch.cuda.memory_allocated() / MIB
@@ -20,8 +20,8 @@ def _allocated_mib() -> float:
 def _weights_mib(t) -> float:
     import torch
 
-    from suite.memory import tensor_mib
-    from suite.tower import build_tower
+    from suite.measurement.memory import tensor_mib
+    from suite.tower.model import build_tower
 
     torch.manual_seed(0)
     return tensor_mib(build_tower(t))
@@ -29,7 +29,7 @@ def _weights_mib(t) -> float:
 
 def check_memory(ctx: Context) -> Result:
     """train peak > infer peak > weights; two runs agree within 1%; nothing stays allocated between them."""
-    from suite.execute import run_trial
+    from suite.sweep.trial import run_trial
 
     t = trial(model="vit_base_patch16_224", pool="token", precision="bf16", batch_size=64, warmup=1, iters=3)
     weights = _weights_mib(t)
@@ -59,7 +59,7 @@ def check_memory(ctx: Context) -> Result:
 
 def _checkpointing(ctx: Context) -> dict:
     """vit_base train peak at batch 128 with and without gradient checkpointing."""
-    from suite.measure import measure
+    from suite.measurement.engine import measure
 
     peaks, active = {}, None
     for on in (False, True):
@@ -117,7 +117,7 @@ def oom_child(fraction: float, cache_dir: str) -> dict:
     """In a fresh process: cap this process's share of the card, then run the back-off trials."""
     import torch
 
-    from suite.execute import run_trial
+    from suite.sweep.trial import run_trial
 
     torch.cuda.set_per_process_memory_fraction(fraction)
     total = torch.cuda.get_device_properties(0).total_memory / MIB

@@ -167,8 +167,8 @@ def check_tests(ctx: Context) -> Result:
 
 def check_sweep(ctx: Context) -> Result:
     """experiments/gpu-check.yaml through `suite.run_experiment`; its report as reports/gpu-<card>.md."""
-    from suite.config import load_experiment
-    from suite.sweep import run_experiment
+    from suite.experiment.spec import load_experiment
+    from suite.sweep.driver import run_experiment
 
     exp = load_experiment(ctx.experiment, check_names=False)
     if {t.device for t in exp.trials} & {"cuda"} and not ctx.cuda:
@@ -194,8 +194,8 @@ def check_sweep(ctx: Context) -> Result:
 
 def _write_report(db_path: Path, path: Path, card: str) -> tuple[Path, list[str]]:
     """The sweep's report (with plots) at `path`; without matplotlib, the markdown alone, said so."""
-    from suite.report import render, write_report
-    from suite.store import load_meta, load_results
+    from suite.report.render import render, write_report
+    from suite.results.store import load_meta, load_results
 
     title = f"GPU check on {card}"
     if importlib.util.find_spec("matplotlib") is None:
@@ -208,7 +208,7 @@ def _write_report(db_path: Path, path: Path, card: str) -> tuple[Path, list[str]
 
 
 def _rows(db_path: Path) -> list[dict]:
-    from suite.store import load_results
+    from suite.results.store import load_results
 
     keep = ["model", "pool", "precision", "grad_checkpointing", "unlocked_groups", "status", "reason",
             "infer_samples_per_sec", "train_samples_per_sec", "infer_batch_size", "train_batch_size",

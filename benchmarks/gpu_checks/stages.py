@@ -18,7 +18,7 @@ PROBE_FIELDS = ("probe_top1", "probe_top5", "probe_balanced_accuracy", "probe_C"
 
 def check_compile(ctx: Context) -> Result:
     """Several compiled trials in one process each compile; compile time apart; compiled == eager."""
-    from suite.execute import run_trial
+    from suite.sweep.trial import run_trial
 
     small = {"embed_dim": 64, "image_size": 96, "warmup": 2, "iters": 5, "compile": True}
     trials = [trial(model="test_vit", mode="infer", batch_size=8, **small),
@@ -44,9 +44,9 @@ def _compiled_matches_eager() -> dict:
     """The compiled tower's output against the eager one, strict fp32, same weights and input."""
     import torch
 
-    from suite.device import strict_fp32
-    from suite.steps import compile_tower, reset_compiler
-    from suite.tower import build_tower
+    from suite.machine.device import strict_fp32
+    from suite.measurement.steps import compile_tower, reset_compiler
+    from suite.tower.model import build_tower
 
     torch.manual_seed(0)
     tower = build_tower(trial(model="test_vit", embed_dim=64, image_size=96)).to("cuda").eval()
@@ -63,9 +63,9 @@ def check_fp16(ctx: Context) -> Result:
     """fp16 training with the gradient scaler: no optimizer step skipped while timing."""
     import torch
 
-    from suite.measure import measure
-    from suite.steps import train_step_fn
-    from suite.tower import build_tower
+    from suite.measurement.engine import measure
+    from suite.measurement.steps import train_step_fn
+    from suite.tower.model import build_tower
 
     t = trial(model="resnet50", precision="fp16", channels_last=True, mode="train", batch_size=64, warmup=3, iters=5)
     r = measure(t, cache_dir=ctx.cache_dir / "roofline")
@@ -92,7 +92,7 @@ def check_fp16(ctx: Context) -> Result:
 
 def check_probe(ctx: Context) -> Result:
     """Digits probe on the GPU within 1 point of the CPU probe; two GPU fits identical."""
-    from suite.probe import probe_trial
+    from suite.probe.engine import probe_trial
 
     t = trial(model="resnet18", image_size=64, embed_dim=128, dataset="digits", probe_batch_size=256)
     folder = ctx.cache_dir / "probe-check"
@@ -136,7 +136,7 @@ def _trace_kernels(folder) -> tuple[int, int]:
 
 def check_profiler(ctx: Context) -> Result:
     """`suite profile` on CUDA: a trace with kernels, non-zero CUDA time in the table; no plugin needed."""
-    from suite.profile import profile_trial
+    from suite.measurement.profile import profile_trial
 
     folder = ctx.out / "profile"
     shutil.rmtree(folder, ignore_errors=True)  # a rerun into the same --out counts only its own trace
@@ -166,8 +166,8 @@ def cpu_trial_child(cache_dir: str) -> dict:
     """In a fresh process: one tiny CPU trial with a probe, then whether CUDA was initialized."""
     import torch
 
-    from suite.execute import run_trial
-    from suite.options import Trial
+    from suite.core.options import Trial
+    from suite.sweep.trial import run_trial
 
     torch.set_num_threads(CPU_CHECK_THREADS)  # the test suite runs beside this check
     t = Trial(model="test_resnet", device="cpu", image_size=32, embed_dim=32, batch_size=2, warmup=1, iters=2,

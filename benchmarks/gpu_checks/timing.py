@@ -12,8 +12,18 @@ import dataclasses
 import statistics
 import time
 
-from gpu_checks.core import (Context, Result, gpu_event_rate, gpu_state, ratio, rounded, run_child, trial, verdict,
-                             within)
+from gpu_checks.core import (
+    Context,
+    Result,
+    gpu_event_rate,
+    gpu_state,
+    ratio,
+    rounded,
+    run_child,
+    trial,
+    verdict,
+    within,
+)
 
 MODELS = {"resnet50": {"pool": "avg"}, "vit_base_patch16_224": {"pool": "token"}}
 
@@ -22,7 +32,7 @@ def hand_step(tower, phase: str):
     """The suite's step, written out by hand: bf16 autocast, inference_mode / contrastive loss + AdamW."""
     import torch
 
-    from suite.steps import contrastive_loss
+    from suite.measurement.steps import contrastive_loss
 
     if phase == "infer":
         tower.eval()
@@ -67,8 +77,8 @@ def timm_loop(tower, phase: str, batch_size: int, warmup: int = 10, iters: int =
 
 
 def measured(ctx: Context, t, tower=None) -> dict:
-    """`suite.measure.measure(t)` as a dict, memoized per trial for the checks that share one."""
-    from suite.measure import measure
+    """`suite.measurement.engine.measure(t)` as a dict, memoized per trial for the checks that share one."""
+    from suite.measurement.engine import measure
 
     if t not in ctx.memo:
         ctx.memo[t] = dataclasses.asdict(measure(t, tower=tower, cache_dir=ctx.cache_dir / "roofline"))
@@ -78,8 +88,8 @@ def measured(ctx: Context, t, tower=None) -> dict:
 def _built(t):
     import torch
 
-    from suite.device import place
-    from suite.tower import build_tower
+    from suite.machine.device import place
+    from suite.tower.model import build_tower
 
     torch.manual_seed(0)
     tower = build_tower(t)
@@ -91,7 +101,7 @@ def check_fidelity(ctx: Context) -> Result:
     """measure() vs a hand-written CUDA-event loop over the same computation, two alternating rounds."""
     import torch
 
-    from suite.measure import measure
+    from suite.measurement.engine import measure
 
     t = trial(model="vit_base_patch16_224", pool="token", precision="bf16", batch_size=128, warmup=5, iters=20)
     tower = _built(t)
@@ -120,7 +130,7 @@ def check_cold_warm(ctx: Context) -> Result:
     which is not the process's history; the card's clocks and temperature are recorded around each.
     The first H200 run (cold then warm only) had train warm/cold 0.936.
     """
-    from suite.measure import measure
+    from suite.measurement.engine import measure
 
     t = trial(model="resnet50", precision="bf16", channels_last=True, batch_size=128, warmup=5, iters=10)
     args = {"trial": dataclasses.asdict(t), "cache_dir": str(ctx.cache_dir / "roofline")}

@@ -1,0 +1,1 @@
+"""The `suite` command line (`suite.cli.main:main`)."""

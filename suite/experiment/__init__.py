@@ -1,0 +1,1 @@
+"""Experiment files: loading and checking them, gate and selection criteria, cost estimates."""

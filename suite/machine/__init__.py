@@ -1,0 +1,1 @@
+"""What machine a trial runs on: device resolution, environment capture, the allocator settings."""

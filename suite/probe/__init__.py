@@ -1,0 +1,1 @@
+"""Linear probes: data sets, decoded images, feature extraction, classifiers."""

@@ -1,0 +1,1 @@
+"""Markdown reports, plots, analysis, selection and export of stored results."""

@@ -1,0 +1,1 @@
+"""The results database and the row helpers that read it."""

@@ -1,0 +1,1 @@
+"""The model under test: a timm trunk wrapped like open_clip's TimmModel, its static plan, weights."""
