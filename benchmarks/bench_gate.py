@@ -1,7 +1,7 @@
 """Does the regression gate cry wolf? Identical runs must pass; an injected 10% slowdown must fail.
 
-    python benchmarks/bench_gate.py                           # experiments/smoke.yaml, 3 pairs
-    python benchmarks/bench_gate.py --pairs 1 --slowdown 0.10 --confirm 3
+    python -m benchmarks.bench_gate                           # experiments/smoke.yaml, 3 pairs
+    python -m benchmarks.bench_gate --pairs 1 --slowdown 0.10 --confirm 3
 
 1. Runs the experiment `pairs + 1` times in a row (same machine, same commit) and compares each
    run with the one before: `suite compare` must pass (no throughput or memory regression), first
@@ -16,10 +16,11 @@ Prints figures; exits non-zero only on an error. Needs an idle machine (several 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+SLOWER_TRIAL = "benchmarks.bench_gate:slower_trial"  # the trial function workers import (from the repository root)
 
 
 class _Slowed:
@@ -86,7 +87,7 @@ def _slow_run(exp_path: str, out: Path, like: Path, slowdown: float) -> Path:
     with ResultStore(db) as store:
         for key, value in load_meta(like).items():
             store.set_meta(key, value)
-        run_trials(list(exp.trials), fn="bench_gate:slower_trial", fn_kwargs={"factor": slowdown},
+        run_trials(list(exp.trials), fn=SLOWER_TRIAL, fn_kwargs={"factor": slowdown},
                    on_result=store.write, progress=False)
     return db
 
@@ -99,7 +100,6 @@ def main() -> None:
     parser.add_argument("--confirm", type=int, default=3, help="rounds of --confirm (0: off)")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))  # workers import `bench_gate:slower_trial`
     from suite.sweep.driver import run_experiment
     from suite.sweep.workers import DEFAULT_FN
 
@@ -115,7 +115,7 @@ def main() -> None:
                   flush=True)
     slow = _slow_run(args.experiment, root / "slow", runs[-1], args.slowdown)
     print(f"injected {args.slowdown:.0%} slowdown: compare run{args.pairs} slow: "
-          + _gate(runs[-1], slow, args.confirm, "bench_gate:slower_trial", {"factor": args.slowdown}, DEFAULT_FN))
+          + _gate(runs[-1], slow, args.confirm, SLOWER_TRIAL, {"factor": args.slowdown}, DEFAULT_FN))
 
 
 if __name__ == "__main__":

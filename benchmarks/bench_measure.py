@@ -1,9 +1,9 @@
 """Benchmarks of the measurement engine itself: history independence, fidelity, overhead.
 
-    python benchmarks/bench_measure.py                                   # test_resnet 96 px batch 16, CPU
-    python benchmarks/bench_measure.py --model resnet18 --image-size 224
-    python benchmarks/bench_measure.py --allocator default              # as before the fix, for comparison
-    python benchmarks/bench_measure.py --min-time-s 3                   # rounds of 3 s: below the machine's wander
+    python -m benchmarks.bench_measure                          # test_resnet 96 px batch 16, CPU
+    python -m benchmarks.bench_measure --model resnet18 --image-size 224
+    python -m benchmarks.bench_measure --allocator default      # as before the fix, for comparison
+    python -m benchmarks.bench_measure --min-time-s 3           # rounds of 3 s: below the machine's wander
 
 1. History independence: the same trial measured
    - cold: the first measurement of a fresh process (as `suite bench` does), mode both, infer, train;
@@ -15,23 +15,24 @@
    The VM's speed wanders on a scale of seconds (one process, the same loop: windows of 20 steps
    1.15x apart, of 1,000 steps 1.04x), so `--min-time-s` lengthens every round to average it.
 2. Fidelity: `measure()` against a minimal hand-written loop as lean as timm's `benchmark.py`
-   (perf_counter around each step, nothing else per step), in the same process and steady state,
-   alternated round by round; ratio suite / hand loop per phase. Target >= 0.97.
+   (perf_counter around `benchmarks.shared.reference_step`, nothing else per step), in the same
+   process and steady state, alternated round by round; ratio suite / hand loop per phase.
+   Target >= 0.97.
 3. Overhead: `measure()` wall time outside the warm-up and timed loops.
 
-Each case runs in its own subprocess, started with nothing but this script, so no case inherits
-another's heap. Prints figures; exits non-zero only on an error, not on a missed target.
+Each case runs in its own subprocess (`python -m benchmarks.bench_measure --child CASE`), so no
+case inherits another's heap. Prints figures; exits non-zero only on an error, not on a missed target.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+
+from benchmarks.shared import child_env, reference_step, run_module
 
 OTHER_TRIALS = (("test_vit", "both"), ("test_convnext", "train"), ("test_efficientnet", "both"), ("test_vit", "train"))
 
@@ -54,39 +55,22 @@ def _measure(trial, cache_dir: str) -> dict:
 
 
 def hand_loop(tower, x, warmup: int, iters: int, train: bool, min_time_s: float = 0.0) -> float:
-    """timm benchmark.py's loop: warm-up, then perf_counter around each step; samples/s over the loop.
-    With `min_time_s`, as many steps as last that long (sized from the last warm-up step, as
-    `suite.measurement.timing.round_steps` sizes the suite's rounds) if more than `iters`."""
-    import torch
-
-    from suite.measurement.steps import contrastive_loss
+    """timm benchmark.py's loop around the hand-written step (`benchmarks.shared.reference_step`): warm-up,
+    then perf_counter around each step; samples/s over the loop. With `min_time_s`, as many steps as last
+    that long (sized from the last warm-up step, as `suite.measurement.timing.round_steps` sizes the
+    suite's rounds) if more than `iters`."""
     from suite.measurement.timing import round_steps
 
-    if train:
-        tower.train()
-        optimizer = torch.optim.AdamW([p for p in tower.parameters() if p.requires_grad], lr=1e-5)
-        cache: dict = {}
-
-        def step():
-            loss = contrastive_loss(tower(x), cache)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    else:
-        tower.eval()
-
-        def step():
-            with torch.inference_mode():
-                tower(x)
+    step = reference_step(tower, "train" if train else "infer")
     for _ in range(warmup):
         t0 = time.perf_counter()
-        step()
+        step(x)
     if min_time_s > 0:
         iters = round_steps(iters, min_time_s, (time.perf_counter() - t0) * 1e3)
     total = 0.0
     for _ in range(iters):
         t0 = time.perf_counter()
-        step()
+        step(x)
         total += time.perf_counter() - t0
     return x.shape[0] * iters / total
 
@@ -157,13 +141,10 @@ def floor(args) -> dict:
             for phase in ("infer", "train")}
 
 
-def run_case(args, case: str) -> dict:
-    argv = [sys.executable, __file__, "--child", case] + [a for a in sys.argv[1:] if a != "--child"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run(argv, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_case(case: str) -> dict:
+    """One case in a fresh process: this script again with the same flags, under the C allocator's defaults."""
+    args = ["--child", case] + [a for a in sys.argv[1:] if a != "--child"]
+    return run_module("benchmarks.bench_measure", args, env=child_env(drop_prefix="MALLOC_"))
 
 
 def main() -> None:
@@ -193,9 +174,9 @@ def main() -> None:
     rows: dict[str, list[dict]] = {case: [] for case in (*cases, "floor")}
     for _ in range(args.repeats):  # round-robin, with a bare-loop process after each cold one: the
         for case in cases:  # suite's cases and the floor meet the same episodes of the machine
-            rows[case].append(run_case(args, case))
+            rows[case].append(run_case(case))
             if case != "warm":
-                rows["floor"].append(run_case(args, "floor"))
+                rows["floor"].append(run_case("floor"))
     values: dict[str, list[float]] = {"infer": [], "train": []}
     for case in cases:
         for phase in values:
@@ -217,7 +198,7 @@ def main() -> None:
         print(f"  history effect, {phase}: median per case " + ", ".join(f"{c} {m:,.1f}" for c, m in medians.items())
               + f"; max/min {max(medians.values()) / min(medians.values()):.3f}x (a history effect would be a "
               f"case apart from the others; the bare loop's median {statistics.median(bare):,.1f})")
-    fid = run_case(args, "fidelity")
+    fid = run_case("fidelity")
     for phase in ("infer", "train"):
         rounds = ", ".join(f"{r:.3f}" for r in fid["rounds"][phase])
         print(f"fidelity, {phase}: suite / timm-style hand loop = {fid[phase]:.3f} (rounds {rounds}; target >= 0.97)")

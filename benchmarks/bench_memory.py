@@ -1,7 +1,7 @@
 """Benchmark of the capacity prediction: predicted largest batch vs the batch found by measuring.
 
-    python benchmarks/bench_memory.py                                  # resnet18, vit_tiny; 224 px; 2 GiB; CPU
-    python benchmarks/bench_memory.py --models resnet18 --budget-mib 4096 --batch-size 16
+    python -m benchmarks.bench_memory                                  # resnet18, vit_tiny; 224 px; 2 GiB; CPU
+    python -m benchmarks.bench_memory --models resnet18 --budget-mib 4096 --batch-size 16
 
 For each model (train phase, fp32, CPU):
 

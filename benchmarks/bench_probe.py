@@ -10,7 +10,7 @@
    same preprocessed once (the probe's path: first trial, and later trials that reuse it), and PNG
    files on disk. Target: in-memory extraction keeps up with inference (close to 100%).
 
-    python benchmarks/bench_probe.py [--skip-sklearn] [--skip-extract] [--skip-classifier] [--device cpu] [--threads 1]
+    python -m benchmarks.bench_probe [--skip-sklearn] [--skip-extract] [--skip-classifier] [--device cpu] [--threads 1]
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Runs a small sweep of tiny test_* trials in one worker and prints, for every tri
 worker's first, the time spent outside the measured work: dispatch, tower building, probe-cache
 lookup, environment capture and storing the row.
 
-    python benchmarks/bench_sweep.py [--trials 12]
+    python -m benchmarks.bench_sweep [--trials 12]
 """
 from __future__ import annotations
 

@@ -1,22 +1,19 @@
 """The suite's own speed, with pytest-benchmark (its statistics, its comparisons across runs).
 
-    python -m pytest benchmarks --benchmark-enable                      # run and print
+    python -m pytest benchmarks --benchmark-enable                      # run and print (from the repository root)
     python -m pytest benchmarks --benchmark-enable --benchmark-autosave  # save as a baseline
     python -m pytest benchmarks --benchmark-enable --benchmark-compare --benchmark-compare-fail=median:10%
 
-Figures that are ratios against a reference (fidelity, repeatability, probe solver accuracy) are
-printed by the scripts beside this file (`bench_measure.py`, `bench_probe.py`, `bench_sweep.py`).
+Not collected by a plain `pytest` (`testpaths` is tests/). Figures that are ratios against a
+reference (fidelity, repeatability, probe solver accuracy) are printed by the scripts beside this
+file (`python -m benchmarks.bench_measure`, `bench_probe`, `bench_sweep`).
 """
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from factories import make_record, write_store  # noqa: E402
+from tests.factories import make_record, write_store
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ class Option:
         name: field name in `Trial`, key in experiment files, `--name-with-dashes` on the CLI.
         types: accepted Python types of a value (bool is never accepted as int).
         default: the default value.
-        help: one line for `--help` and the README.
+        help: one line for `--help` and docs/options.md.
         group: `tower`, `measure` or `probe`; decides the CLI command that shows it.
         choices: the allowed values, when the set is closed.
         nullable: whether `None` (YAML `null`) is a valid value.
@@ -299,13 +299,20 @@ _UNLABELED = {"device", "mode", "warmup", "iters", "min_time_s", "dataset", "roo
 SHORT = {"unlocked_groups": "lock", "grad_checkpointing": "ckpt", "freeze_bn_stats": "freeze_bn"}
 
 
-def _get(row, name: str) -> Any:
+def get(row, name: str) -> Any:
+    """row[name] of a result row (a dict, a pandas row) or a `Trial`'s attribute; None for a missing
+    column or a NaN, numpy scalars unwrapped."""
     try:
         value = row[name]
     except (KeyError, IndexError):
         return None
-    except TypeError:  # a Trial: its attribute
-        return getattr(row, name, None)
+    except TypeError:  # a Trial or another record: its attribute
+        value = getattr(row, name, None)
+    return plain(value)
+
+
+def plain(value: Any) -> Any:
+    """A Python value for a cell: numpy scalars unwrapped, NaN as None."""
     if type(value).__module__ == "numpy" and hasattr(value, "item"):
         value = value.item()
     return None if isinstance(value, float) and value != value else value  # NaN is missing
@@ -337,9 +344,9 @@ def trial_label(row, axes: Iterable[str]) -> str:
     The one labeller: live sweep lines, the report, compare and export all name trials with it.
     `row` is a dict, a pandas row or a `Trial`.
     """
-    parts = [str(_get(row, "model"))]
+    parts = [str(get(row, "model"))]
     for name in axes:
-        value, default = _get(row, name), OPTION_BY_NAME[name].default
+        value, default = get(row, name), OPTION_BY_NAME[name].default
         if same_config(name, value, default):
             continue
         short = SHORT.get(name, name)

@@ -4,7 +4,7 @@ On CPU, glibc's allocator is the largest hidden variable in a throughput figure.
 mmap threshold is dynamic (128 KiB, growing as large blocks are freed) and freed heap is trimmed
 back to the OS, so early steps of a process map, page-fault and unmap their activations afresh,
 and later trials inherit whatever heap the earlier ones grew. Measured on the 2-core dev machine
-(the README's "Measuring honestly" has the figures): test_resnet inference 857 img/s as the first
+(reports/benchmarks.md has the figures): test_resnet inference 857 img/s as the first
 measurement of a process and ~1,150 later; with the allocator held steady, the same from the first
 run on, and faster.
 

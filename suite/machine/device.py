@@ -5,8 +5,8 @@
   trial's status never depends on which stage met the problem.
 - `autocast_dtype(precision, device)` and `autocast(device, dtype)`: the one precision table.
 - `place(module, device, channels_last)`: device and memory format, in place.
-- `strict_fp32(device, precision)`: fp32 on CUDA means fp32 (TF32 off), with the legacy
-  `allow_tf32` flags or torch's newer `fp32_precision` API, restored on exit.
+- `strict_fp32(device, precision)`: fp32 on CUDA means fp32 (TF32 off), through `tf32_allowed(False)`:
+  torch's newer `fp32_precision` API or the legacy `allow_tf32` flags, restored on exit.
 - `cuda_in_use()`: whether this process has a CUDA context. Cleanup code asks this, not
   `is_available()`, so a CPU trial on a GPU machine never creates a context.
 
@@ -18,8 +18,8 @@ from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
 from suite.core.errors import SuiteError, UnsupportedConfig, suggest
+from suite.core.options import DEVICES
 
-DEVICES = ("auto", "cpu", "cuda")
 # precision -> torch dtype name under autocast (None: plain fp32)
 AUTOCAST_DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -44,6 +44,13 @@ def resolve_device(name: str) -> str:
     raise SuiteError(f"device={name!r} is not one of {', '.join(map(repr, DEVICES))}{suggest(name, DEVICES)}")
 
 
+def check_precision(precision: str) -> None:
+    """Raise SuiteError, with the close match, unless `precision` is fp32, bf16 or fp16."""
+    if precision not in AUTOCAST_DTYPES:
+        raise SuiteError(f"precision={precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}"
+                         f"{suggest(precision, AUTOCAST_DTYPES)}")
+
+
 def autocast_dtype(precision: str, device: str):
     """The autocast dtype of `precision` (None for fp32), after checking the device can run it.
 
@@ -53,9 +60,7 @@ def autocast_dtype(precision: str, device: str):
     """
     import torch
 
-    if precision not in AUTOCAST_DTYPES:
-        raise SuiteError(f"precision={precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}"
-                         f"{suggest(precision, AUTOCAST_DTYPES)}")
+    check_precision(precision)
     name = AUTOCAST_DTYPES[precision]
     if name is None:
         return None
@@ -100,23 +105,29 @@ def strict_fp32(device: str, precision: str) -> Iterator[None]:
     if device != "cuda" or precision != "fp32":
         yield
         return
+    with tf32_allowed(False):
+        yield
+
+
+@contextmanager
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """TF32 matmuls and cuDNN convolutions allowed (or not) inside the block, the previous settings
+    restored on exit: torch's `fp32_precision` API where it exists, else the legacy `allow_tf32` flags."""
     import torch
 
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, "fp32_precision") and hasattr(getattr(conv, "conv", None), "fp32_precision"):
-        saved = matmul.fp32_precision, conv.conv.fp32_precision
-        matmul.fp32_precision = conv.conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision, conv.conv.fp32_precision = saved
-        return
-    saved = conv.allow_tf32, matmul.allow_tf32
-    conv.allow_tf32 = matmul.allow_tf32 = False
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        switches, name, value = (matmul, cudnn.conv), "fp32_precision", "tf32" if allowed else "ieee"
+    else:
+        switches, name, value = (matmul, cudnn), "allow_tf32", allowed
+    saved = [getattr(switch, name) for switch in switches]
+    for switch in switches:
+        setattr(switch, name, value)
     try:
         yield
     finally:
-        conv.allow_tf32, matmul.allow_tf32 = saved
+        for switch, before in zip(switches, saved):
+            setattr(switch, name, before)
 
 
 def tf32_enabled() -> bool:

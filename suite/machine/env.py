@@ -15,7 +15,7 @@ from suite.machine.allocator import allocator
 from suite.machine.device import resolve_device
 
 
-def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
+def command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
     """stdout of a short command, or None when it is missing, fails or hangs."""
     try:
         done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=5, check=False)
@@ -28,11 +28,11 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
 def git_commit() -> str | None:
     """The project's commit (with "+dirty" when the work tree differs), or None outside a git checkout."""
     repo = Path(__file__).resolve().parents[2]
-    commit = _run(["git", "rev-parse", "HEAD"], cwd=repo)
+    commit = command_output(["git", "rev-parse", "HEAD"], cwd=repo)
     if commit is None:
         return None
     # Uncommitted changes mean the commit alone does not say what code produced the number.
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo)
+    dirty = command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo)
     return commit + ("+dirty" if dirty else "")
 
 
@@ -49,7 +49,7 @@ def cpu_model() -> str | None:
 
 
 def _nvidia_driver() -> str | None:
-    out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    out = command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     return out.splitlines()[0].strip() if out else None
 
 

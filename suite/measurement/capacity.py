@@ -5,7 +5,7 @@ weights, gradients, optimizer state and batch-independent workspaces, and `per_s
 activations and inputs of one sample. Two memory passes at different batch sizes give the line;
 the largest batch under a budget is `floor((budget - fixed) / per_sample)`. The prediction is
 checked against a search (`search_max_batch`): on a GPU with real out-of-memory errors, on a CPU
-(and in `benchmarks/bench_memory.py`) against the measured live-tensor peak.
+(and in `python -m benchmarks.bench_memory`) against the measured live-tensor peak.
 
 Pure functions, no torch: the report reads the same line (the "fits on" table) as `measure` uses.
 """

@@ -125,7 +125,7 @@ def _run_phase_fitting(phase: str, tower, trial, device: str, baseline: MemoryBa
 
 # --- FLOPs and the precision check -----------------------------------------------------------
 
-class _MatmulDtypes(TorchDispatchMode):
+class MatmulDtypes(TorchDispatchMode):
     """Records the dtypes matmul-like ops compute in (to prove autocast took effect)."""
 
     _OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution", "linear",
@@ -153,7 +153,7 @@ def _flop_key(trial, device: str) -> tuple:
     return tuple(getattr(trial, o.name) for o in options_in("tower")) + (trial.precision, trial.mode, device)
 
 
-def _count_flops(tower, trial, device: str, dtype: torch.dtype | None, *, cache: bool) -> tuple[int, int | None]:
+def trial_flops(tower, trial, device: str, dtype: torch.dtype | None, *, cache: bool) -> tuple[int, int | None]:
     """(inference, training) FLOPs per image; also checks that the precision took effect.
 
     With `cache` (the tower was built from the trial here, so the trial describes it fully),
@@ -165,7 +165,7 @@ def _count_flops(tower, trial, device: str, dtype: torch.dtype | None, *, cache:
     if cache and key in _FLOP_CACHE:
         return _FLOP_CACHE[key]
     x = make_inputs(trial, device, _FLOP_BATCH)
-    seen = _MatmulDtypes()
+    seen = MatmulDtypes()
     with autocast(device, dtype), seen:
         infer = count_flops(tower, x, train=False)
         # Training too under autocast: the same count, and flash attention has no fp32 kernel.
@@ -364,7 +364,7 @@ def _measure(trial, tower, device: str, dtype, cache_dir) -> MeasureResult:
         baseline = MemoryBaseline(device, weights_mib=_cuda_weights_mib(tower))
     fields = _describe(tower)
     place(tower, device, trial.channels_last)  # compiling happens per phase
-    infer_flops, train_flops = _count_flops(tower, trial, device, dtype, cache=built_here)
+    infer_flops, train_flops = trial_flops(tower, trial, device, dtype, cache=built_here)
 
     phases = {}
     with _state_kept(tower, keep=not built_here and trial.mode != "infer"):

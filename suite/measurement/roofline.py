@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from suite.core.errors import SuiteError, suggest
 from suite.core.options import sha256_json
 from suite.core.paths import cache_dir as default_cache_dir
-from suite.machine.device import AUTOCAST_DTYPES
+from suite.machine.device import AUTOCAST_DTYPES, check_precision
 from suite.machine.env import cpu_model, device_name
 
 _MEMO: dict[str, float] = {}  # per process and folder, so repeated trials do not even read the file
@@ -98,9 +97,7 @@ def device_peak_tflops(device: str, precision: str, *, cache_dir: str | Path | N
     Raises:
         SuiteError: not a precision name.
     """
-    if precision not in AUTOCAST_DTYPES:
-        raise SuiteError(f"precision={precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}"
-                         f"{suggest(precision, AUTOCAST_DTYPES)}")
+    check_precision(precision)
     key = _cache_key(device, precision)
     folder = Path(default_cache_dir("roofline") if cache_dir is None else cache_dir)
     memo = f"{folder.resolve()}|{json.dumps(key, sort_keys=True)}"
@@ -124,6 +121,11 @@ def device_peak_tflops(device: str, precision: str, *, cache_dir: str | Path | N
     os.replace(tmp, path)
     _MEMO[memo] = tflops
     return tflops
+
+
+def forget_peaks() -> None:
+    """Forget the peaks this process has looked up: the next lookup reads the cache file (as a new process would)."""
+    _MEMO.clear()
 
 
 def fast_cpu_fp16() -> bool:

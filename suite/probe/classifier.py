@@ -9,7 +9,7 @@ follows scikit-learn's convention: the objective is `C * sum_i log_loss_i + ||W|
 
 Two solvers give the same fit: scikit-learn's lbfgs for small problems, and a torch L-BFGS
 (float32, also on GPU) for large ones, where scikit-learn is several times slower per iteration
-(see benchmarks/bench_probe.py).
+(see benchmarks.bench_probe).
 
 Works on numpy arrays only (features come from `suite.probe.features`). scikit-learn and torch are
 imported inside the solvers that use them, so choosing and scoring stay light and a small

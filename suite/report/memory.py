@@ -118,8 +118,8 @@ def memory_section(rows: list, axes: list[str]) -> list[str]:
     table_lines = _breakdown_table(ok, axes)
     if not table_lines:
         return []
-    out = ["Peak live tensor memory of each phase (its own untimed pass; see the README, *Peak memory and "
-           "capacity*), split at the peak into weights, gradients, optimizer state and activations (the rest: "
+    out = ["Peak live tensor memory of each phase (its own untimed pass; see docs/memory.md)"
+           ", split at the peak into weights, gradients, optimizer state and activations (the rest: "
            "activations, the input batch, temporaries). Capacity: the largest batch on a card of that size, predicted "
            "from the line fixed + per sample x batch measured at two batch sizes (an extrapolation: the CUDA context "
            "and allocator fragmentation are not in it). Checks: the lock and the train state took effect.", ""]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from suite.core.options import OPTIONS, SHORT, config_value, same_config, trial_label  # noqa: F401 - re-exported
+# get, plain, same_config and trial_label are re-exported: the read side takes its cell helpers from here.
+from suite.core.options import OPTIONS, SHORT, config_value, get, plain, same_config, trial_label  # noqa: F401
 from suite.core.records import ENV_IDENTITY
 
 # Options that are never ablation axes: the model is what is compared; the others describe the run.
@@ -22,29 +23,6 @@ DETAILS_AFTER = 10  # longer lists fold into <details> so the page stays scannab
 
 
 # --- values ----------------------------------------------------------------------------------
-
-
-
-
-def get(row, name: str) -> Any:
-    """row[name], with None for a missing column or a NaN."""
-    try:
-        value = row[name]
-    except (KeyError, IndexError):
-        return None
-    except TypeError:  # a Trial or another record: its attribute
-        value = getattr(row, name, None)
-    return plain(value)
-
-
-def plain(value: Any) -> Any:
-    """A Python value for a cell: numpy scalars unwrapped, NaN as None."""
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
 
 def sort_key(value: Any) -> tuple:
     """Sorts None, numbers and strings together without comparing across types."""

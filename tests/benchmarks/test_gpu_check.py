@@ -1,6 +1,8 @@
-"""benchmarks/gpu_check.py without a GPU: GPU checks SKIP, CPU parts run, JSON + markdown + report written.
+"""The GPU check (`python -m benchmarks.gpu_check`) without a GPU: GPU checks SKIP, CPU parts run, JSON +
+markdown + report written; its registry and benchmarks/README.md's table agree; the benchmarks start with
+`python -m` from the repository root, without path edits.
 
-The script runs with CUDA hidden (`CUDA_VISIBLE_DEVICES=""`), so this test is the same on a GPU
+The check runs with CUDA hidden (`CUDA_VISIBLE_DEVICES=""`), so this test is the same on a GPU
 machine, and the GPU check's own pytest run does not start the GPU check again.
 """
 from __future__ import annotations
@@ -14,15 +16,14 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks.gpu_check import basics, memory, project
+from benchmarks.gpu_check.core import Check, CheckTimeout, Context, run_check, time_cap
+from benchmarks.gpu_check.registry import CHECKS, markdown_table
+from benchmarks.gpu_check.summary import jsonable
+from benchmarks.shared import ROOT, reference_step, run_module
 
-import gpu_check  # noqa: E402
-from gpu_checks import basics, memory, project  # noqa: E402
-from gpu_checks.core import Check, CheckTimeout, Context, run_check, time_cap  # noqa: E402
-from gpu_checks.summary import plain  # noqa: E402
-
+README = ROOT / "benchmarks" / "README.md"
+TABLE_BEGIN, TABLE_END = "<!-- checks: python -m benchmarks.gpu_check --list --markdown -->", "<!-- /checks -->"
 TINY_CPU_SWEEP = """\
 name: tiny-cpu
 device: cpu
@@ -31,9 +32,11 @@ grid: {model: [test_resnet], image_size: 32, embed_dim: 16}
 """
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+def _run(*args: str, module: str = "benchmarks.gpu_check", timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m module *args` from the repository root, CUDA hidden, nothing added to PYTHONPATH."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
                           env=env, timeout=timeout)
 
 
@@ -48,8 +51,8 @@ def test_cpu_run_skips_gpu_checks_runs_cpu_parts_and_the_sweep_and_writes_json_a
     assert "no CUDA here: GPU checks SKIP" in done.stdout
     result = json.loads((out / "gpu_check.json").read_text())
     checks = {c["name"]: c for c in result["checks"]}
-    assert set(checks) == {c.name for c in gpu_check.CHECKS} - {"pytest"}
-    for name in (c.name for c in gpu_check.CHECKS if c.needs_cuda):
+    assert set(checks) == {c.name for c in CHECKS} - {"pytest"}
+    for name in (c.name for c in CHECKS if c.needs_cuda):
         assert checks[name]["status"] == "SKIP" and checks[name]["figure"] == "no CUDA: GPU check not run"
         assert f"SKIP  {name}" in done.stdout
     # The CPU parts really ran.
@@ -78,8 +81,10 @@ def test_a_failing_check_is_a_record_and_exits_1(tmp_path):
 def test_unknown_check_names_are_input_errors(tmp_path):
     done = _run("--out", str(tmp_path), "--only", "rooflne")
     assert done.returncode == 2 and "unknown check(s) ['rooflne']" in done.stderr
-    listed = _run("--out", str(tmp_path), "--list")
-    assert listed.returncode == 0 and all(c.name in listed.stdout for c in gpu_check.CHECKS)
+    listed = _run("--list")  # no --out needed to list
+    assert listed.returncode == 0 and all(c.name in listed.stdout for c in CHECKS)
+    missing = _run("--only", "roofline")
+    assert missing.returncode == 2 and "--out DIR is required" in missing.stderr
 
 
 def test_run_check_turns_exceptions_into_fail_and_gpu_checks_into_skip(tmp_path):
@@ -148,4 +153,57 @@ def test_helpers():
         assert starts["resnet50"] * 43 > 1.25 * 0.2 * total and starts["vit_base_patch16_224"] * 5.3 > 1.25 * 0.2 * total
         assert starts["resnet50"] * 43 < 4 * 0.2 * total  # at most two back-offs, each a costly try
     np = pytest.importorskip("numpy")
-    assert plain({"a": np.float64("nan"), "b": np.int64(3), "c": {1, 2}}) == {"a": None, "b": 3, "c": [1, 2]}
+    assert jsonable({"a": np.float64("nan"), "b": np.int64(3), "c": {1, 2}, "d": (Path("x"),)}) == \
+        {"a": None, "b": 3, "c": [1, 2], "d": ["x"]}
+
+
+def test_the_readme_table_is_the_registry():
+    """benchmarks/README.md's check table is `--list --markdown`, pasted between its markers."""
+    text = README.read_text()
+    assert TABLE_BEGIN in text and TABLE_END in text, f"{README} lacks the markers {TABLE_BEGIN} ... {TABLE_END}"
+    table = text.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0].strip()
+    names = [row.split("|")[1].strip() for row in table.splitlines()[2:]]
+    assert names == [c.name for c in CHECKS], "the README's checks differ from the registry's"
+    assert table == markdown_table(), (f"{README}'s check table differs from the registry: paste the output of "
+                                       "`python -m benchmarks.gpu_check --list --markdown` between its markers")
+    listed = _run("--list", "--markdown")
+    assert listed.returncode == 0 and listed.stdout.strip() == markdown_table(), listed.stderr
+
+
+BENCH_SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("name", BENCH_SCRIPTS)
+def test_each_bench_script_starts_with_python_m(name):
+    done = _run("--help", module=f"benchmarks.{name}", timeout=60)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+def test_no_path_edits_in_benchmarks():
+    edited = [str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").rglob("*.py") if "sys.path" in p.read_text()]
+    assert not edited, f"benchmarks are run with `python -m` from the repository root, without path edits: {edited}"
+
+
+def test_reference_step_computes_the_suites_step():
+    """The hand-written step gives the suite's inference output, and a training step changes the weights."""
+    import torch
+
+    from suite.core.options import Trial
+    from suite.measurement.steps import infer_step_fn, make_inputs
+    from suite.tower.model import build_tower
+
+    trial = Trial(model="test_vit", embed_dim=16, image_size=32, batch_size=2, device="cpu")
+    torch.manual_seed(0)
+    tower = build_tower(trial)
+    x = make_inputs(trial, "cpu", 2)
+    assert torch.equal(reference_step(tower, "infer")(x), infer_step_fn(tower, trial, "cpu")(x))
+    before = [p.detach().clone() for p in tower.parameters() if p.requires_grad]
+    reference_step(tower, "train")(x)
+    after = [p for p in tower.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_run_module_raises_with_the_childs_stderr():
+    """(Its JSON result is what the CPU run's cpu_context check reads.)"""
+    with pytest.raises(RuntimeError, match=r"(?s)exited 2: .*unknown check"):
+        run_module("benchmarks.gpu_check", ["--only", "nope", "--list"], timeout_s=60)

@@ -77,6 +77,22 @@ def test_fp32_on_cuda_turns_tf32_off_and_restores_it():
     assert _tf32_state() == before
 
 
+def test_tf32_allowed_switches_both_ways_and_restores():
+    """The one TF32 switch (strict_fp32 turns TF32 off with it, the GPU check's comparison on)."""
+    from suite.machine.device import tf32_allowed, tf32_enabled
+
+    before = _tf32_state()
+    try:
+        with tf32_allowed(True):
+            assert tf32_enabled() is True
+            with tf32_allowed(False):
+                assert tf32_enabled() is False
+            assert tf32_enabled() is True
+    finally:
+        _set_tf32_state(before)
+    assert _tf32_state() == before
+
+
 def test_tf32_enabled_reads_after_a_legacy_flag_and_strict_fp32():
     """Found on an H200 (torch 2.11): a user sets the legacy flag, strict_fp32 uses the new API, and
     reading the legacy flag then raises. tf32_enabled must answer from the API that decides."""

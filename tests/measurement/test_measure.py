@@ -106,11 +106,11 @@ def test_flops_are_counted_once_per_tower_configuration(resnet_both, roofline, m
 
 
 def test_roofline_is_cached(roofline, resnet_both):
-    from suite.measurement.roofline import _MEMO, device_peak_tflops
+    from suite.measurement.roofline import device_peak_tflops, forget_peaks
 
     files = list(roofline.glob("peak-*.json"))
     assert len(files) == 1 and '"precision": "fp32"' in files[0].read_text()
-    _MEMO.clear()  # as in a new process: read from disk, not measured again
+    forget_peaks()  # as in a new process: read from disk, not measured again
     assert device_peak_tflops("cpu", "fp32", cache_dir=roofline) == resnet_both.device_peak_tflops
 
 

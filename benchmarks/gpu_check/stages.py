@@ -9,7 +9,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from gpu_checks.core import Context, Result, rounded, run_child, skipped, trial, verdict
+from benchmarks.gpu_check.core import Context, Result, rounded, run_child, skipped, trial, verdict
 
 # torch threads for the CPU parts of untimed checks (4 on 16 cores): the test queue holds the other cores
 CPU_CHECK_THREADS = max(1, min(4, (os.cpu_count() or 2) // 4))

@@ -1,6 +1,6 @@
 """GPU proof: one command that checks every GPU path of the suite on a real card.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/gpu_check.py --out DIR [--bundle FILE.tar.gz]
+    PYTHONUNBUFFERED=1 python -m benchmarks.gpu_check --out DIR [--bundle FILE.tar.gz]   # from the repository root
 
 Prints PASS / FAIL / SKIP per check with its figure and elapsed time, writes DIR/gpu_check.json
 (every figure) and DIR/gpu_check.md (the summary), runs the sweep experiments/gpu-check.yaml and
@@ -9,12 +9,13 @@ With `--bundle FILE.tar.gz`, all of DIR is also packed into that one file after 
 GPU machine this is run on returns only a few files; a run cut short keeps what it had).
 Sized for under 8 minutes on one H100. Without CUDA the GPU checks are SKIPped (the script says
 so) and what can run on a CPU still runs; the exit code is then 0 unless a CPU part fails.
+`--list` prints the checks (with `--markdown`, as the table in benchmarks/README.md).
 
 Needs only torch (>= 2.1), timm, pandas, rich, scikit-learn and pytest: no network (random init
 everywhere), no open_clip, ray or torch-tb-profiler (the tests that need them skip).
 
 Order: the timed checks run first on a quiet machine; then the test suite starts in the
-background (sharded pytest processes) while the untimed checks run; then its result, then the sweep.
+background (a queue of pytest processes) while the untimed checks run; then its result, then the sweep.
 """
 from __future__ import annotations
 
@@ -26,54 +27,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (str(ROOT), str(ROOT / "benchmarks")):  # `suite` from the source tree, the `gpu_checks` helpers
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-from gpu_checks import basics, memory, project, stages, timing  # noqa: E402
-from gpu_checks.core import Check, Context, run_check  # noqa: E402
-from gpu_checks.summary import line, write_json, write_markdown  # noqa: E402
-
-CHECKS = (
-    Check("env", "device name, driver, CUDA, cuDNN, torch and timm all recorded", basics.check_env, 30, needs_cuda=False),
-    Check("roofline", "bf16 matmul peak in the card's band; fp32 strict < 0.5x TF32; cached per device",
-          basics.check_roofline, 60),
-    Check("fidelity", "measure() within ±3% of a hand-written CUDA-event loop (vit_base bf16 b128, infer+train)",
-          timing.check_fidelity, 90),
-    Check("timm", "within ±3% of a timm benchmark.py-style loop (resnet50, vit_base; bf16 b256; infer, train)",
-          timing.check_timm_side_by_side, 120),
-    Check("mfu", "MFU of vit_base_patch16_224 bf16 inference at batch 256 in 0.2-0.95", timing.check_mfu, 45),
-    Check("cold_warm", "the same trial warm (after other trials) within 2% of cold (fresh processes, before and after)",
-          timing.check_cold_warm, 90),
-    Check("memory", "train peak > infer peak > weights; runs agree within 1%; no leak; checkpointing lowers peak",
-          memory.check_memory, 90, stage="untimed"),
-    Check("strict_fp32", "under strict fp32 a matmul and a conv match float64 to 1e-5", basics.check_strict_fp32, 30,
-          stage="untimed"),
-    Check("flops", "vit_base FLOPs on CUDA/bf16 = meta count ±0.1% for flash, efficient, cuDNN SDPA; bf16 seen",
-          basics.check_flops, 60, stage="untimed"),
-    Check("oom", "with 20% of the card auto batch size ends ok at a smaller batch (resnet50 train, vit_base infer)",
-          memory.check_oom, 150, stage="untimed"),
-    Check("compile", "3 compiled inference trials in one process each compile; compile time apart; compiled == eager",
-          stages.check_compile, 150, stage="untimed"),
-    Check("fp16_scaler", "fp16 training: no optimizer step skipped while timing", stages.check_fp16, 45, stage="untimed"),
-    Check("probe", "GPU digits probe within 1 point of CPU; two GPU fits identical", stages.check_probe, 60,
-          stage="untimed"),
-    Check("profiler", "CUDA trace with kernels and non-zero CUDA time in the top-operator table",
-          stages.check_profiler, 45, stage="untimed"),
-    Check("cpu_context", "a CPU trial on this machine creates no CUDA context", stages.check_cpu_context, 60,
-          needs_cuda=False, stage="untimed"),
-    Check("pytest", "`pytest -m gpu` passes and so do the CPU-assuming tests", project.check_tests, project.TESTS_CAP_S,
-          needs_cuda=False, stage="final"),
-    Check("sweep", "experiments/gpu-check.yaml: every trial ok; report written", project.check_sweep, 180,
-          needs_cuda=False, stage="final"),
-)
-STAGES = ("timed", "untimed", "final")
+from benchmarks.gpu_check import project
+from benchmarks.gpu_check.core import Check, Context, run_check
+from benchmarks.gpu_check.registry import CHECKS, NAMES, STAGES, listing, markdown_table
+from benchmarks.gpu_check.summary import line, write_json, write_markdown
+from benchmarks.shared import ROOT
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for gpu_check.json, gpu_check.md, reports/")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="folder for gpu_check.json, gpu_check.md, reports/ (required unless --list)")
     parser.add_argument("--only", default="", help="comma-separated check names to run (default: all)")
     parser.add_argument("--skip", default="", help="comma-separated check names not to run")
     parser.add_argument("--budget-s", type=float, default=460, help="overall time budget; checks past it SKIP")
@@ -81,14 +44,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the sweep the `sweep` check runs")
     parser.add_argument("--bundle", type=Path, help="also pack DIR into this .tar.gz after every check")
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
+    parser.add_argument("--markdown", action="store_true", help="with --list: as a markdown table (benchmarks/README.md's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-args", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    names = {c.name for c in CHECKS}
     for option in ("only", "skip"):
-        unknown = sorted(set(filter(None, getattr(args, option).split(","))) - names)
+        unknown = sorted(set(filter(None, getattr(args, option).split(","))) - set(NAMES))
         if unknown:
-            parser.error(f"--{option}: unknown check(s) {unknown}; known: {', '.join(c.name for c in CHECKS)}")
+            parser.error(f"--{option}: unknown check(s) {unknown}; known: {', '.join(NAMES)}")
+    if args.out is None and not args.list:
+        parser.error("--out DIR is required (unless --list)")
+    if args.markdown and not args.list:
+        parser.error("--markdown goes with --list")
     return args
 
 
@@ -149,12 +116,11 @@ def _bundled(info: tarfile.TarInfo):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
-        for c in CHECKS:
-            print(f"{c.name:12s} cap {c.cap_s:4.0f} s  {'GPU' if c.needs_cuda else 'any'}  {c.criterion}")
+        print(markdown_table() if args.markdown else listing())
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
-        from gpu_checks.children import CASES
+        from benchmarks.gpu_check.child_cases import CASES
 
         print(json.dumps(CASES[args.child](**json.loads(args.child_args))))
         return 0
@@ -174,7 +140,3 @@ def main(argv=None) -> int:
     print(f"{header['verdict']}: {header['counts']} in {ctx.elapsed():.0f} s -> {args.out / 'gpu_check.md'}"
           + (f" (all of it in {args.bundle})" if args.bundle else ""))
     return 1 if header["verdict"] == "FAIL" else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ import json
 import re
 import time
 
-from gpu_checks.core import Context, Result, rounded, sdpa_backend, skipped, tf32_on, trial, verdict, within
+from benchmarks.gpu_check.core import Context, Result, rounded, sdpa_backend, skipped, trial, verdict, within
 
 OPTIONAL = {  # import name -> distribution name: what the project can use, and whether it is here
     "open_clip": "open_clip_torch", "ray": "ray", "torch_tb_profiler": "torch-tb-profiler",
@@ -76,10 +76,10 @@ def _has_dynamo_flag() -> bool:
 def _gpu_facts() -> dict:
     import torch
 
-    from suite.machine.env import _run
+    from suite.machine.env import command_output
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    smi = _run(["nvidia-smi", "--query-gpu=name,power.limit,clocks.max.sm,persistence_mode,ecc.mode.current",
+    smi = command_output(["nvidia-smi", "--query-gpu=name,power.limit,clocks.max.sm,persistence_mode,ecc.mode.current",
                 "--format=csv,noheader"])
     return {"name": props.name, "capability": f"{props.major}.{props.minor}", "memory_gib": props.total_memory / 2**30,
             "sm_count": props.multi_processor_count, "bf16_supported": torch.cuda.is_bf16_supported(),
@@ -132,7 +132,7 @@ def check_roofline(ctx: Context) -> Result:
         tf32 = roofline.device_peak_tflops("cuda", "fp32", cache_dir=folder)
     finally:
         torch.set_float32_matmul_precision(before)
-    roofline._MEMO.clear()  # the next lookup must come from the file
+    roofline.forget_peaks()  # the next lookup must come from the file
     t0 = time.perf_counter()
     again = roofline.device_peak_tflops("cuda", "bf16", cache_dir=folder)
     cached_s = time.perf_counter() - t0
@@ -170,7 +170,7 @@ def check_strict_fp32(ctx: Context) -> Result:
     """Under `strict_fp32` a matmul and a convolution match float64 to ~1e-5; with TF32 they do not."""
     import torch
 
-    from suite.machine.device import strict_fp32, tf32_enabled
+    from suite.machine.device import strict_fp32, tf32_allowed, tf32_enabled
 
     g = torch.Generator(device="cuda").manual_seed(0)
     a, b = (torch.randn(1024, 1024, device="cuda", generator=g) for _ in range(2))
@@ -178,7 +178,7 @@ def check_strict_fp32(ctx: Context) -> Result:
     with strict_fp32("cuda", "fp32"):
         flag_inside = tf32_enabled()
         mm, conv = _errors(a, b, x, w)
-    with tf32_on():
+    with tf32_allowed(True):
         mm_tf32, conv_tf32 = _errors(a, b, x, w)
     figures = {"matmul_rel_err": mm, "conv_rel_err": conv, "matmul_rel_err_tf32": mm_tf32,
                "conv_rel_err_tf32": conv_tf32, "tf32_enabled_inside_strict": flag_inside}
@@ -206,10 +206,10 @@ def _cuda_counts(tower, backend: str) -> dict:
     """FLOPs on CUDA under bf16 autocast with one SDPA backend forced, and the dtypes/ops seen."""
     import torch
 
-    from suite.measurement.engine import _MatmulDtypes
+    from suite.measurement.engine import MatmulDtypes
     from suite.measurement.flops import count_flops
 
-    class Seen(_MatmulDtypes):
+    class Seen(MatmulDtypes):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if "attention" in func.overloadpacket.__name__:
                 self.attention.add(func.overloadpacket.__name__)
@@ -237,7 +237,7 @@ def check_flops(ctx: Context) -> Result:
     import torch
 
     from suite.machine.device import place
-    from suite.measurement.engine import _count_flops
+    from suite.measurement.engine import trial_flops
     from suite.tower.model import build_tower
 
     t = trial(model="vit_base_patch16_224", pool="token", precision="bf16", mode="infer")
@@ -248,7 +248,7 @@ def check_flops(ctx: Context) -> Result:
     # suite.measurement.flops's CPU formula count it, the meta device's math path (bmm autograd) does not.
     meta["train_fused"] = meta["train"] + meta["attention_bmm"] // 2
     place(tower, "cuda")
-    suite_infer, _ = _count_flops(tower, t, "cuda", torch.bfloat16, cache=False)  # raises if bf16 is not seen
+    suite_infer, _ = trial_flops(tower, t, "cuda", torch.bfloat16, cache=False)  # raises if bf16 is not seen
     backends = {name: _cuda_counts(tower, name) for name in ("flash", "efficient", "cudnn")}
     ratios = {}
     for name, got in backends.items():

@@ -1,10 +1,10 @@
 """Timing truth on the GPU: measure vs hand-written loops, cold vs warm, MFU.
 
-The hand-written steps compute what the suite's steps compute (the tower under bf16 autocast; for
-training CLIP's contrastive loss, backward, AdamW, zero_grad), so a ratio away from 1 is a cost or
-an error of the suite's harness, not of a different workload. timm's `benchmark.py` would train
-the model's classifier with SGD and cross-entropy; its harness (warm-up, a host sync after each
-step, samples over the loop's wall time) is what `timm_loop` copies.
+The hand-written step is `benchmarks.shared.reference_step` under bf16 autocast: what the suite's
+steps compute, so a ratio away from 1 is a cost or an error of the suite's harness, not of a
+different workload. timm's `benchmark.py` would train the model's classifier with SGD and
+cross-entropy; its harness (warm-up, a host sync after each step, samples over the loop's wall
+time) is what `timm_loop` copies.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import dataclasses
 import statistics
 import time
 
-from gpu_checks.core import (
+from benchmarks.gpu_check.core import (
     Context,
     Result,
     gpu_event_rate,
@@ -24,36 +24,16 @@ from gpu_checks.core import (
     verdict,
     within,
 )
+from benchmarks.shared import reference_step
 
 MODELS = {"resnet50": {"pool": "avg"}, "vit_base_patch16_224": {"pool": "token"}}
 
 
 def hand_step(tower, phase: str):
-    """The suite's step, written out by hand: bf16 autocast, inference_mode / contrastive loss + AdamW."""
+    """The suite's step written out by hand (`benchmarks.shared.reference_step`) on CUDA under bf16 autocast."""
     import torch
 
-    from suite.measurement.steps import contrastive_loss
-
-    if phase == "infer":
-        tower.eval()
-
-        def infer(x):
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                return tower(x)
-
-        return infer
-    tower.train()
-    optimizer = torch.optim.AdamW([p for p in tower.parameters() if p.requires_grad], lr=1e-5)
-    cache: dict = {}
-
-    def train(x):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            emb = tower(x)
-        contrastive_loss(emb, cache).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return train
+    return reference_step(tower, phase, "cuda", torch.bfloat16)
 
 
 def timm_loop(tower, phase: str, batch_size: int, warmup: int = 10, iters: int = 20) -> float:

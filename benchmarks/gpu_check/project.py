@@ -16,14 +16,15 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-from gpu_checks.core import ROOT, Context, Result, child_env, rounded, skipped, time_cap, verdict
+from benchmarks.gpu_check.core import Context, Result, rounded, skipped, time_cap, verdict
+from benchmarks.shared import ROOT, child_env
 
 SWEEP_RESERVE_S = 150  # what the test suite leaves of the budget for the sweep after it
-TESTS_CAP_S = 240  # the `pytest` check's cap in gpu_check.py: the wait ends (and kills) before it
+TESTS_CAP_S = 240  # the `pytest` check's cap (registry.py): the wait ends (and kills) before it
 # Files that ran longest on the first GPU machine (one torch thread each): started first, so the
 # slowest file is not the last to start. The rest go by size.
 SLOW_FIRST = ("test_steps.py", "test_sweep.py", "test_faults.py", "test_timing.py", "test_probe.py",
-              "test_weights.py", "test_execute.py", "test_tower_plan.py")
+              "test_weights.py", "test_trial.py", "test_plan.py")
 # One BLAS thread and one inductor compile worker per test process: N processes with pools of all
 # cores each starve the machine (and the checks running beside them).
 SINGLE_THREADED = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
@@ -114,7 +115,7 @@ def start_tests(ctx: Context) -> None:
     """Start the test queue (GPU marker only where there is no CUDA) and leave it running."""
     folder = ctx.out / "pytest"
     folder.mkdir(parents=True, exist_ok=True)
-    files = sorted((ROOT / "tests").glob("test_*.py"))
+    files = sorted((ROOT / "tests").rglob("test_*.py"))  # tests/ mirrors suite/: one folder per subpackage
     slots = max(1, min(10, (os.cpu_count() or 2) - 4))  # cores left for the checks running meanwhile
     ctx.background["pytest"] = TestQueue(folder, files, slots, ctx.cuda).start()
 
@@ -173,7 +174,7 @@ def check_sweep(ctx: Context) -> Result:
     exp = load_experiment(ctx.experiment, check_names=False)
     if {t.device for t in exp.trials} & {"cuda"} and not ctx.cuda:
         return skipped(f"no CUDA: {ctx.experiment.name} asks for device cuda")
-    from gpu_checks.basics import card_slug
+    from benchmarks.gpu_check.basics import card_slug
 
     out = ctx.out / "sweep"
     try:  # past the deadline the sweep stops as on Ctrl-C: what finished is stored and reported

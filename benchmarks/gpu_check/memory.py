@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from gpu_checks.core import Context, Result, rounded, run_child, trial, verdict
+from benchmarks.gpu_check.core import Context, Result, rounded, run_child, trial, verdict
 
 MIB = 2**20
 

@@ -2,22 +2,21 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
+from suite.core.options import plain
 
-def plain(value: Any) -> Any:
-    """JSON-able: numpy scalars as Python numbers, NaN as None, sets and tuples as lists."""
+
+def jsonable(value: Any) -> Any:
+    """JSON-able: containers walked (sets and tuples as lists), cells as `suite.core.options.plain`
+    gives them (numpy scalars unwrapped, NaN as None), anything else as its text."""
     if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [plain(v) for v in value]
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
+        return [jsonable(v) for v in value]
+    value = plain(value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
@@ -29,7 +28,7 @@ def line(name: str, status: str, figure: str, elapsed: float, total: float) -> s
 
 
 def write_json(path: Path, header: dict, rows: list[dict]) -> None:
-    path.write_text(json.dumps(plain({**header, "checks": rows}), indent=1))
+    path.write_text(json.dumps(jsonable({**header, "checks": rows}), indent=1))
 
 
 def _cell(text: str) -> str:
@@ -47,7 +46,7 @@ def write_markdown(path: Path, header: dict, rows: list[dict]) -> None:
         f"torch {env.get('env_torch')} · timm {env.get('env_timm')} · CUDA {env.get('env_cuda')} · "
         f"cuDNN {env.get('env_cudnn')} · driver {env.get('env_driver')} · commit {env.get('env_git_commit')}",
         "",
-        f"Command: `python3 benchmarks/gpu_check.py {' '.join(header.get('argv') or ['--out', 'DIR'])}`. Every figure is in "
+        f"Command: `python -m benchmarks.gpu_check {' '.join(header.get('argv') or ['--out', 'DIR'])}`. Every figure is in "
         "`gpu_check.json`; the sweep's report is under `reports/` (copy it to the repository's `reports/`).",
         "",
         "| check | status | figure | criterion | s |",

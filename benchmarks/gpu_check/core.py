@@ -7,10 +7,8 @@ check that runs past its cap into a FAIL naming the cap.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -18,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+from benchmarks.shared import run_module
+
 STATUSES = ("PASS", "FAIL", "SKIP")
 
 
@@ -49,12 +47,13 @@ class Check:
 
     Attributes:
         name: short id (`--only NAME`).
-        criterion: the pass criterion, in words, as the issue states it.
+        criterion: the pass criterion in a line (`--list`, gpu_check.md).
         fn: the check.
         cap_s: the longest it may run; past it the check FAILs.
         needs_cuda: without CUDA the check is a SKIP and `fn` is not called.
         stage: `timed` checks run first on a quiet machine; the test suite starts in the background
             before the `untimed` ones; `final` ones run last (the test suite's result, the sweep).
+        detail: the criterion in full where the line leaves something out (the README's table).
     """
 
     name: str
@@ -63,6 +62,7 @@ class Check:
     cap_s: float
     needs_cuda: bool = True
     stage: str = "timed"
+    detail: str = ""
 
 
 @dataclass
@@ -143,30 +143,14 @@ def run_check(ctx: Context, check: Check) -> tuple[Result, float, float]:
 
 # --- child processes ----------------------------------------------------------------------------
 
-def child_env() -> dict[str, str]:
-    """This environment with the project root on PYTHONPATH (children import `suite` from source)."""
-    env = dict(os.environ)
-    paths = [str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def run_child(ctx: Context, case: str, args: dict, timeout_s: float) -> dict:
-    """Run `children.CASES[case](**args)` in a fresh Python process; return its JSON result.
+    """Run `child_cases.CASES[case](**args)` in a fresh Python process; return its JSON result.
 
     Raises:
         RuntimeError: the child failed (its stderr's tail is in the message) or ran past `timeout_s`.
     """
-    cmd = [sys.executable, str(SCRIPT), "--child", case, "--child-args", json.dumps(args), "--out", str(ctx.out)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=child_env(), cwd=ROOT)
-    except subprocess.TimeoutExpired as exc:
-        raise RuntimeError(f"child {case!r} ran past {timeout_s:.0f} s") from exc
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"child {case!r} exited {done.returncode}: {done.stderr.strip()[-1500:]}")
-    return json.loads(lines[-1])
+    return run_module("benchmarks.gpu_check", ["--child", case, "--child-args", json.dumps(args), "--out", str(ctx.out)],
+                      timeout_s=timeout_s)
 
 
 # --- small numeric and torch helpers ----------------------------------------------------------
@@ -198,31 +182,6 @@ def trial(**kw):
     kw.setdefault("device", "cuda")
     kw.setdefault("pretrained", False)
     return Trial(**kw)
-
-
-def _tf32_switches() -> list[tuple[object, str, object]]:
-    """(object, attribute, value that allows TF32) for matmuls and convolutions, in the API
-    `suite.machine.device.strict_fp32` uses: torch's `fp32_precision` where it exists, else `allow_tf32`."""
-    import torch
-
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, "fp32_precision") and hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
-        return [(matmul, "fp32_precision", "tf32"), (cudnn.conv, "fp32_precision", "tf32")]
-    return [(matmul, "allow_tf32", True), (cudnn, "allow_tf32", True)]
-
-
-@contextmanager
-def tf32_on() -> Iterator[None]:
-    """TF32 matmuls and convolutions allowed inside the block; the previous settings restored after."""
-    switches = _tf32_switches()
-    saved = [getattr(obj, name) for obj, name, _ in switches]
-    for obj, name, value in switches:
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        for (obj, name, _), value in zip(switches, saved):
-            setattr(obj, name, value)
 
 
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION"}

@@ -1,4 +1,4 @@
-"""What runs in a fresh Python process (`gpu_check.py --child NAME --child-args JSON`).
+"""What runs in a fresh Python process (`python -m benchmarks.gpu_check --child NAME --child-args JSON`).
 
 Each case returns a JSON-able dict; the script prints it as the last line of stdout.
 """
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from gpu_checks.memory import oom_child
-from gpu_checks.stages import cpu_trial_child
+from benchmarks.gpu_check.memory import oom_child
+from benchmarks.gpu_check.stages import cpu_trial_child
 
 
 def measure_child(trial: dict, cache_dir: str) -> dict:
