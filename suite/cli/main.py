@@ -146,7 +146,8 @@ def cmd_compare(args) -> int:
     if rounds:
         from suite.gate.confirm import confirm_paths
 
-        result = confirm_paths(baseline, current, thresholds, rounds=rounds, console=_console())
+        result = confirm_paths(baseline, current, thresholds, rounds=rounds, console=_console(),
+                               budget_s=args.confirm_budget)
     else:
         result = compare_paths(baseline, current, thresholds)
     from suite.gate.ci_output import markdown, render, write_junit
@@ -229,10 +230,14 @@ def _add_compare(sub) -> None:
                    "its threshold inside a noise band wider than it (default: a warning, exit 0)")
     confirm = p.add_mutually_exclusive_group()
     confirm.add_argument("--confirm", type=confirm_rounds, nargs="?", const=DEFAULT_CONFIRM_ROUNDS, default=None, metavar="ROUNDS",
-                         help=f"re-measure flagged throughput regressions ROUNDS times (default "
-                              f"{DEFAULT_CONFIRM_ROUNDS}, at most {MAX_CONFIRM_ROUNDS}) on this machine, with the code "
-                              "that measured CURRENT only (docs/gate.md), A/B interleaved with the baseline where it "
-                              "can be rebuilt, and fail only on those that hold")
+                         help="re-measure flagged throughput changes on this machine, with the code that measured "
+                              "CURRENT only (docs/gate.md): where the baseline's code can be rebuilt, as an A/B "
+                              "experiment that adds pairs until decided or out of --confirm-budget; otherwise the "
+                              f"current side ROUNDS times (default {DEFAULT_CONFIRM_ROUNDS}, at most "
+                              f"{MAX_CONFIRM_ROUNDS}) against the stored baseline. Fail only on those that hold")
+    p.add_argument("--confirm-budget", type=positive_seconds, metavar="SECONDS",
+                   help="time limit of the A/B re-measurement (default: twice the flagged trials' original "
+                        "measuring time); what it cannot decide within it is 'cannot tell'")
     confirm.add_argument("--no-confirm", dest="confirm", action="store_const", const=0,
                          help="judge the stored figures only (no re-measurement)")
     p.set_defaults(func=cmd_compare)

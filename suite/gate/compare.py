@@ -38,7 +38,9 @@ from suite.experiment.criteria import (
     higher_is_better,
     parse_thresholds,
 )
-from suite.gate.verdict import Change, Comparison
+from suite.gate.abtest import ab_lines
+from suite.gate.drift import drift_lines, remove_drift
+from suite.gate.verdict import Change, Comparison, judge
 from suite.results.rows import (
     AXES,
     cell,
@@ -81,22 +83,6 @@ def spread(metric: str, row) -> float | None:
         return None if half is None else half / abs(value)
     m = _TIMING_PHASE.match(metric)
     return rel_iqr(row, m.group(1)) if m else None
-
-
-def _judge(metric: str, base: float, cur: float, threshold: Threshold | None, noise: float | None) -> str:
-    if base == cur:
-        return "unchanged"
-    if threshold is None:
-        return "not gated"
-    good_up = higher_is_better(metric)
-    worse = cur < base if good_up else cur > base
-    rel = abs(cur - base) / abs(base) if base else float("inf")
-    size = 100 * rel if threshold.relative else abs(cur - base)
-    if noise is not None and rel <= noise:  # worse beyond the threshold inside a wider band: not "fine"
-        return "cannot tell" if worse and size > threshold.limit else "within noise"
-    if size <= threshold.limit:
-        return "within threshold"
-    return "regression" if worse else "improvement"
 
 
 def _env_text(row) -> str:
@@ -163,10 +149,8 @@ def _compare_pair(out: Comparison, tid: str, label: str, b, c, gates: dict[str, 
         else:
             noise = _noise(metric, b, c)
             change = Change(tid, label, metric, xb, xc, gates[metric], noise,
-                            _judge(metric, xb, xc, gates[metric], noise), spreads=(spread(metric, b), spread(metric, c)))
+                            judge(metric, xb, xc, gates[metric], noise), spreads=(spread(metric, b), spread(metric, c)))
         out.changes.append(change)
-        if change.verdict in ("regression", "missing"):
-            out.regressions.append(_regression_line(change))
 
 
 def _regression_line(ch: Change) -> str:
@@ -176,6 +160,9 @@ def _regression_line(ch: Change) -> str:
                 f"turn its threshold off (`--threshold {ch.metric}=off`) if that is expected")
     line = (f"{ch.label}: {ch.metric} {format_metric(ch.metric, ch.baseline)} → {format_metric(ch.metric, ch.current)} "
             f"({ch.change_text}, threshold {ch.threshold.text})")
+    if ch.ab and ch.ab.get("lo") is not None:
+        line += (f"; confirmed A/B on this machine: {ch.ab['pairs']} pairs, change {100 * ch.ab['lo']:+.1f}% to "
+                 f"{100 * ch.ab['hi']:+.1f}% ({100 * ch.ab['confidence']:.2f}% interval)")
     if ch.remeasured:
         line += f"; confirmed: re-measured {', '.join(format_metric(ch.metric, x) for x in ch.remeasured)}"
     return line
@@ -186,9 +173,11 @@ def is_timing(metric: str) -> bool:
     return _TIMING_PHASE.match(metric) is not None
 
 
-def flagged_timing(c: Comparison) -> list[Change]:
-    """The timing regressions of `c`, the ones `--confirm` re-measures."""
-    return [ch for ch in c.changes if ch.verdict == "regression" and is_timing(ch.metric)]
+def flagged_timing(c: Comparison, *, cannot_tell: bool = False) -> list[Change]:
+    """The timing regressions of `c` (and, with `cannot_tell`, the slowdowns it cannot tell from noise):
+    what `--confirm` re-measures."""
+    verdicts = ("regression", "cannot tell") if cannot_tell else ("regression",)
+    return [ch for ch in c.changes if ch.verdict in verdicts and is_timing(ch.metric)]
 
 
 def apply_confirmation(c: Comparison, remeasured: dict[tuple[str, str], list[float]], gates: dict,
@@ -206,8 +195,13 @@ def apply_confirmation(c: Comparison, remeasured: dict[tuple[str, str], list[flo
             continue
         ch.remeasured = tuple(values)
         base = (rebuilt_baseline or {}).get((ch.trial_id, ch.metric), ch.baseline)
-        again = _judge(ch.metric, base, statistics.median(values), ch.threshold, None)
+        again = judge(ch.metric, base, statistics.median(values), ch.threshold, None)
         ch.verdict = "regression" if again == "regression" else "not confirmed"
+    return refresh(c, gates)
+
+
+def refresh(c: Comparison, gates: dict) -> Comparison:
+    """After verdicts changed (a confirm step ran): the regression lines and the markdown again."""
     c.regressions = c.status_regressions + [_regression_line(ch) for ch in c.changes
                                             if ch.verdict in ("regression", "missing")]
     c.confirmed = True
@@ -251,6 +245,9 @@ def compare(baseline_df, current_df, thresholds: dict | None = None) -> Comparis
             _mismatch(out, label, b_envs, c_envs)
         for b, c in pairs:
             _compare_pair(out, tid, label, b, c, gates)
+    remove_drift(out)  # judged net of the move all trials made together (suite.gate.drift)
+    out.regressions = out.status_regressions + [_regression_line(ch) for ch in out.changes
+                                                if ch.verdict in ("regression", "missing")]
     seen = {ch.metric for ch in out.changes}
     out.not_measured = [m for m, t in gates.items() if t is not None and m not in seen]
     out.code = {"baseline": code_text(rows_of(baseline_df)), "current": code_text(rows_of(current_df))}
@@ -266,6 +263,8 @@ def summary_lines(c: Comparison, gates: dict) -> list[str]:
              + ". Thresholds: " + ", ".join(f"`{m}` {t.text}" for m, t in gates.items() if t is not None)
              + "; a change within the two runs' combined step-time IQR is noise, not a regression "
                "(a slowdown beyond its threshold inside it: cannot tell)."]
+    if c.drift:
+        lines += ["", "Drift between the two runs (timing):"] + [f"- {line}" for line in drift_lines(c)] + [""]
     if c.code:
         lines.append(f"Code measured: baseline {c.code['baseline']}; current {c.code['current']}.")
     flagged = [ch for ch in c.changes if is_timing(ch.metric) and ch.verdict in ("regression", "not confirmed")]
@@ -297,6 +296,7 @@ def summary_lines(c: Comparison, gates: dict) -> list[str]:
 def _markdown(c: Comparison, gates: dict) -> str:
     verdict = "FAIL" if c.exit_code else "PASS"
     lines = [f"## Regression gate: {verdict}", ""] + summary_lines(c, gates)
+    lines += ab_lines(c)
     if c.regressions:
         lines += ["", "### Regressions", ""] + [f"- {cell(r)}" for r in c.regressions]
     if c.cannot_tell:

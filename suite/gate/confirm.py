@@ -30,7 +30,8 @@ from pathlib import Path
 from suite.core.errors import SuiteError
 from suite.core.options import OPTIONS, Trial
 from suite.experiment.criteria import MAX_CONFIRM_ROUNDS
-from suite.gate.compare import apply_confirmation, compare_paths, flagged_timing, gates_of
+from suite.gate.ab_confirm import default_budget, has_ab_worker, run_ab
+from suite.gate.compare import apply_confirmation, compare_paths, flagged_timing, gates_of, refresh
 from suite.gate.verdict import Comparison
 from suite.results.rows import env_differences, get, rows_of
 from suite.results.store import load_results
@@ -136,7 +137,8 @@ def check_rounds(rounds: int) -> None:
 
 def remeasure(comparison: Comparison, baseline_path, current_path, rounds: int = 3, *, fn: str = DEFAULT_FN,
               fn_kwargs: dict | None = None, code: str | None = None, baseline_fn: str | None = None,
-              baseline_kwargs: dict | None = None, console=None) -> dict[tuple[str, str, str], list[float]]:
+              baseline_kwargs: dict | None = None, console=None,
+              budget_s: float | None = None) -> dict[tuple[str, str, str], list[float]]:
     """Re-measure the flagged trials: {(side, trial_id, metric): values} from this environment.
 
     What was not re-measured or rebuilt, and why, is added to `comparison.notes`.
@@ -149,7 +151,8 @@ def remeasure(comparison: Comparison, baseline_path, current_path, rounds: int =
             clean commit, else that commit's files where this checkout has it, else not rebuilt).
     """
     check_rounds(rounds)
-    flagged = flagged_timing(comparison)
+    ab = fn == DEFAULT_FN and baseline_fn is None  # the suite's own code on both sides: the A/B experiment
+    flagged = flagged_timing(comparison, cannot_tell=ab)
     if not flagged or rounds < 1:
         return {}
     if code is None and fn == DEFAULT_FN:
@@ -177,6 +180,18 @@ def remeasure(comparison: Comparison, baseline_path, current_path, rounds: int =
                             + (f"; BASELINE rebuilt from its own code and re-measured A/B for {n_rebuilt} of "
                                f"{len(ids)} trials" if n_rebuilt else "; BASELINE not rebuilt (stored figures)"))
     try:
+        if ab:
+            ab_ids = [tid for tid in ids if rebuild[tid] and (tree is None or has_ab_worker(tree))]
+            if ab_ids:
+                budget = budget_s if budget_s is not None else default_budget(rows["current"], ab_ids)
+                run_ab(comparison, rows, ab_ids, tree, budget, budget_why="given" if budget_s is not None
+                       else "twice the flagged trials' original measuring time")
+            # The rest (a baseline not rebuilt, or an older commit without the A/B worker): regressions only,
+            # one process per measurement, as before.
+            flagged = [ch for ch in flagged if ch.verdict == "regression" and ch.trial_id not in ab_ids]
+            ids = [tid for tid in ids if any(ch.trial_id == tid for ch in flagged)]
+        if not ids:
+            return {}
         return _interleaved(flagged, rows, ids, rebuild, rounds, fn, fn_kwargs, baseline_fn, baseline_kwargs, console)
     finally:
         if tree is not None:
@@ -237,7 +252,8 @@ def _interleaved(flagged, rows, ids, rebuild, rounds, fn, fn_kwargs, baseline_fn
 
 def confirm_paths(baseline_path: str | Path, current_path: str | Path, thresholds: dict | None = None, *,
                   rounds: int = 3, fn: str = DEFAULT_FN, fn_kwargs: dict | None = None, code: str | None = None,
-                  baseline_fn: str | None = None, baseline_kwargs: dict | None = None, console=None) -> Comparison:
+                  baseline_fn: str | None = None, baseline_kwargs: dict | None = None, console=None,
+                  budget_s: float | None = None) -> Comparison:
     """`compare_paths`, then re-measure flagged throughput regressions and keep only those that hold.
 
     `fn`/`fn_kwargs`: the trial function of the current side (see `suite.sweep.pool.run_trials`) and `code`,
@@ -249,7 +265,9 @@ def confirm_paths(baseline_path: str | Path, current_path: str | Path, threshold
     check_rounds(rounds)
     comparison = compare_paths(baseline_path, current_path, thresholds)
     values = remeasure(comparison, baseline_path, current_path, rounds, fn=fn, fn_kwargs=fn_kwargs, code=code,
-                       baseline_fn=baseline_fn, baseline_kwargs=baseline_kwargs, console=console)
+                       baseline_fn=baseline_fn, baseline_kwargs=baseline_kwargs, console=console, budget_s=budget_s)
+    if comparison.ab:
+        refresh(comparison, gates_of(current_path, thresholds))
     current = {(tid, m): v for (side, tid, m), v in values.items() if side == "current"}
     baseline = {(tid, m): statistics.median(v) for (side, tid, m), v in values.items() if side == "baseline"}
     return apply_confirmation(comparison, current, gates_of(current_path, thresholds), baseline)

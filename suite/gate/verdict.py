@@ -7,7 +7,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from suite.experiment.criteria import Threshold
+from suite.experiment.criteria import Threshold, higher_is_better
+
+
+def judge(metric: str, base: float, cur: float, threshold: Threshold | None, noise: float | None) -> str:
+    """The verdict of one stored figure against its threshold and noise (relative; None: unknown)."""
+    if base == cur:
+        return "unchanged"
+    if threshold is None:
+        return "not gated"
+    good_up = higher_is_better(metric)
+    worse = cur < base if good_up else cur > base
+    rel = abs(cur - base) / abs(base) if base else float("inf")
+    size = 100 * rel if threshold.relative else abs(cur - base)
+    if noise is not None and rel <= noise:  # worse beyond the threshold inside a wider band: not "fine"
+        return "cannot tell" if worse and size > threshold.limit else "within noise"
+    if size <= threshold.limit:
+        return "within threshold"
+    return "regression" if worse else "improvement"
 
 
 @dataclass
@@ -27,6 +44,9 @@ class Change:
     #               | "missing" (a gated metric stored on one side only: not compared, fails the gate)
     remeasured: tuple[float, ...] = ()  # --confirm: the re-measured current values
     spreads: tuple[float | None, float | None] = (None, None)  # each side's own relative noise (`spread`)
+    drift: float | None = None  # the move all trials made together (`suite.gate.drift`), judged net of it
+    common: bool = False  # stands for the common move of all trials (beyond the threshold) in the A/B check
+    ab: dict | None = None  # the A/B re-measurement's summary (`suite.gate.confirm`): pairs, interval, reason
 
     @property
     def rel_change(self) -> float | None:
@@ -41,7 +61,11 @@ class Change:
         if self.threshold is not None and not self.threshold.relative:
             return f"{self.current - self.baseline:+.2f}"
         rel = self.rel_change
-        return "—" if rel is None else f"{100 * rel:+.1f}%"
+        if rel is None:
+            return "—"
+        if self.drift is None:
+            return f"{100 * rel:+.1f}%"
+        return f"{100 * rel:+.1f}% ({100 * ((1 + rel) / (1 + self.drift) - 1):+.1f}% net of the common {100 * self.drift:+.1f}%)"
 
 
 @dataclass
@@ -64,15 +88,26 @@ class Comparison:
     markdown: str = ""
     confirmed: bool = False  # flagged timing regressions were re-measured (`apply_confirmation`)
     gates: dict = field(default_factory=dict)  # the thresholds applied: {metric: Threshold or None}
+    drift: dict = field(default_factory=dict)  # timing metric -> {"n", "shift", "scatter"} (`suite.gate.drift`)
+    ab: dict = field(default_factory=dict)  # the A/B confirm step: {"time_s", "budget_s", "alpha", ...}
 
     @property
     def cannot_tell(self) -> list[str]:
         """Changes worse than their threshold but inside a noise band wider than it: not a verdict either way."""
-        return [f"{ch.label}: {ch.metric} {ch.change_text}: noise ±{100 * ch.noise:.1f}% is wider than the threshold "
-                f"{ch.threshold.text}" for ch in self.changes if ch.verdict == "cannot tell"]
+        return [f"{ch.label}: {ch.metric} {ch.change_text}: {_why_cannot_tell(ch)}"
+                for ch in self.changes if ch.verdict == "cannot tell"]
 
     @property
     def exit_code(self) -> int:
         """1 on any regression or missing gated metric, on a trial measured in another environment, or when
         no trial at all could be compared (nothing was gated)."""
         return 1 if self.regressions or self.env_uncompared or self.n_compared == 0 else 0
+
+
+def _why_cannot_tell(ch: Change) -> str:
+    if ch.ab is not None:
+        return f"A/B re-measurement: {ch.ab['reason']}"
+    if ch.common:
+        return (f"every trial moved by {100 * ch.drift:+.1f}%, beyond the threshold {ch.threshold.text}: drift of "
+                "the machine between the two runs, or a change to every tower (an A/B re-measurement decides)")
+    return f"noise ±{100 * (ch.noise or 0):.1f}% is wider than the threshold {ch.threshold.text}"

@@ -144,7 +144,7 @@ def time_steps(step: Callable, inputs: Any, *, warmup: int, iters: int, device: 
     per_round = round_steps(iters, min_time_s, step_ms)
     rounds: list[list[float]] = []
     while True:
-        rounds.append(_timed_round(step, inputs, per_round, device))
+        rounds.append(timed_round(step, inputs, per_round, device))
         agreed = agreeing(rounds, tolerance) if min_rounds > 1 else rounds
         if (agreed is not None and len(rounds) >= min_rounds) or len(rounds) >= max_rounds:
             break
@@ -153,7 +153,7 @@ def time_steps(step: Callable, inputs: Any, *, warmup: int, iters: int, device: 
                      steady=agreed is not None, steps=per_round * len(rounds))
 
 
-def _timed_round(step: Callable, inputs: Any, iters: int, device: str) -> list[float]:
+def timed_round(step: Callable, inputs: Any, iters: int, device: str) -> list[float]:
     """Per-step times (ms) of `iters` steps: CUDA events and one synchronization, or perf_counter."""
     if device == "cuda":
         import torch
