@@ -15,10 +15,11 @@ from typing import Callable
 
 from suite.core.options import OPTIONS
 from suite.gate.abtest import Experiment, ProcessSide, SideError, run_experiment
-from suite.gate.sequential import ALPHA, boundary_of, decide
+from suite.gate.sequential import ALPHA, LOOKS, boundary_of, decide
 from suite.gate.verdict import Change, Comparison
 from suite.results.rows import env_differences, get, num
 
+BUDGET_SPENT = "the time budget was spent"
 BUDGET_FACTOR = 2.0  # default budget: this many times the flagged trials' original measuring time
 MIN_TRIAL_S = 1.0  # a trial whose row records no time counts as this long
 
@@ -36,9 +37,11 @@ def trial_seconds(row) -> float:
     return num(get(row, "measured_time_s")) or MIN_TRIAL_S
 
 
-def default_budget(current_rows: dict, ids: list[str]) -> float:
-    """`BUDGET_FACTOR` times the original measuring time of the trials `ids` in the current run."""
-    return BUDGET_FACTOR * sum(trial_seconds(current_rows[tid]) for tid in ids)
+def default_budget(rows: dict, ids: list[str]) -> float:
+    """`BUDGET_FACTOR` times the original measuring time of the trials `ids`: what measuring them took in
+    the two stored runs (each side measured them once; the A/B step measures both sides again)."""
+    return BUDGET_FACTOR * sum(trial_seconds(side_rows[tid]) for side_rows in rows.values() for tid in ids
+                               if tid in side_rows)
 
 
 def trial_values(row) -> dict:
@@ -83,7 +86,7 @@ def run_ab(c: Comparison, rows: dict, ids: list[str], tree: str | Path | None, b
             exp = Experiment(tid, phase, boundary_of(changes[0].metric, changes[0].threshold, changes[0].baseline))
             now = clock()
             if now >= deadline:
-                exp.error = "the time budget was spent before this trial's turn"
+                exp.error = f"{BUDGET_SPENT} before this trial's turn"
             else:
                 try:
                     pair = sides.get(threads) or _start_sides(sides, threads, tree, make_side, row)
@@ -130,9 +133,14 @@ class _Refused:
 
 def _apply(ch: Change, exp: Experiment, experiments: int) -> None:
     """The experiment's decision for `ch` (with its own threshold) as its verdict and A/B summary."""
-    if exp.error or len(exp.pairs) < 2:
+    if exp.error and not exp.error.startswith(BUDGET_SPENT):
         ch.ab = {"pairs": len(exp.pairs), "time_s": exp.time_s,
-                 "reason": f"not re-measured ({exp.error or 'too few pairs'}); the stored verdict stands"}
+                 "reason": f"not re-measured ({exp.error}); the stored verdict stands"}
+        return
+    if len(exp.pairs) < LOOKS[0]:  # out of time before the first look: no verdict either way
+        ch.ab = {"pairs": len(exp.pairs), "time_s": exp.time_s,
+                 "reason": f"the time budget was spent after {len(exp.pairs)} pairs (the first look needs {LOOKS[0]})"}
+        ch.verdict = "cannot tell"
         return
     boundary = boundary_of(ch.metric, ch.threshold, ch.baseline)
     logs = [p.log_ratio for p in exp.pairs]  # speed; `boundary_of` puts a step-time threshold on that scale

@@ -28,7 +28,7 @@ from suite.core.errors import one_line
 from suite.gate.sequential import LOOKS, MAX_PAIRS, Decision, decide
 
 REPO = Path(__file__).resolve().parents[2]
-ROUND_S = 0.2  # target length of one timed round (one half of a pair)
+ROUND_S = 0.1  # target length of one timed round (one half of a pair)
 MIN_ROUND_STEPS = 3
 _REPLY_TIMEOUT_S = 900
 
@@ -54,12 +54,21 @@ class ProcessSide:
         self.proc = subprocess.Popen([sys.executable, "-m", "suite.gate.abworker"], cwd=root, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def ask(self, **msg) -> dict:
+    def send(self, **msg) -> None:
         try:
             self.proc.stdin.write(json.dumps(msg) + "\n")
             self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
         except (BrokenPipeError, OSError) as exc:
+            raise SideError(f"the {self.name} side's process ended: {one_line(exc)}") from None
+
+    def ask(self, **msg) -> dict:
+        self.send(**msg)
+        return self.reply()
+
+    def reply(self) -> dict:
+        try:
+            line = self.proc.stdout.readline()
+        except OSError as exc:
             raise SideError(f"the {self.name} side's process ended: {one_line(exc)}") from None
         if not line:
             err = self.proc.stderr.read() if self.proc.poll() is not None else ""
@@ -75,6 +84,10 @@ class ProcessSide:
 
     def prepare(self, trial_values: dict, phase: str, threads: int | None) -> dict:
         return self.ask(op="prepare", trial=trial_values, phase=phase, threads=threads)
+
+    def start_prepare(self, trial_values: dict, phase: str, threads: int | None) -> None:
+        """`prepare` without waiting (both sides build and warm up at once; nothing is timed then)."""
+        self.send(op="prepare", trial=trial_values, phase=phase, threads=threads)
 
     def round(self, steps: int) -> dict:
         return self.ask(op="round", steps=steps)
@@ -145,7 +158,7 @@ def run_experiment(exp: Experiment, baseline: Side, current: Side, trial_values:
     """Prepare both sides, then add pairs until `decide` settles it, MAX_PAIRS, or `deadline` (on `clock`)."""
     t0 = clock()
     try:
-        ready = [side.prepare(trial_values, exp.phase, threads) for side in (baseline, current)]
+        ready = _prepare_both(baseline, current, trial_values, exp.phase, threads)
         step_ms = max(float(r["step_ms"]) for r in ready)
         exp.steps = max(MIN_ROUND_STEPS, math.ceil(ROUND_S * 1e3 / max(step_ms, 1e-3)))
         while True:
@@ -172,6 +185,15 @@ def run_experiment(exp: Experiment, baseline: Side, current: Side, trial_values:
         exp.calibrated = decide([p.calibrated_log_ratio for p in exp.pairs], exp.boundary, experiments=experiments,
                                 final=True)
     return exp
+
+
+def _prepare_both(baseline, current, trial_values: dict, phase: str, threads: int | None) -> list[dict]:
+    """Both sides build and warm up the trial, at the same time where they can (`start_prepare`)."""
+    if all(hasattr(side, "start_prepare") for side in (baseline, current)):
+        for side in (baseline, current):
+            side.start_prepare(trial_values, phase, threads)
+        return [side.reply() for side in (baseline, current)]
+    return [side.prepare(trial_values, phase, threads) for side in (baseline, current)]
 
 
 def _with_reason(d: Decision, extra: str) -> Decision:

@@ -183,9 +183,9 @@ def remeasure(comparison: Comparison, baseline_path, current_path, rounds: int =
         if ab:
             ab_ids = [tid for tid in ids if rebuild[tid] and (tree is None or has_ab_worker(tree))]
             if ab_ids:
-                budget = budget_s if budget_s is not None else default_budget(rows["current"], ab_ids)
+                budget = budget_s if budget_s is not None else default_budget(rows, ab_ids)
                 run_ab(comparison, rows, ab_ids, tree, budget, budget_why="given" if budget_s is not None
-                       else "twice the flagged trials' original measuring time")
+                       else "twice the flagged trials' original measuring time in the two runs")
             # The rest (a baseline not rebuilt, or an older commit without the A/B worker): regressions only,
             # one process per measurement, as before.
             flagged = [ch for ch in flagged if ch.verdict == "regression" and ch.trial_id not in ab_ids]
