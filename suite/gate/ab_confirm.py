@@ -133,23 +133,22 @@ class _Refused:
 
 def _apply(ch: Change, exp: Experiment, experiments: int) -> None:
     """The experiment's decision for `ch` (with its own threshold) as its verdict and A/B summary."""
+    blocks = exp.block_means()
+    summary = {"blocks": len(blocks), "pairs": len(exp.pairs), "time_s": exp.time_s}
     if exp.error and not exp.error.startswith(BUDGET_SPENT):
-        ch.ab = {"pairs": len(exp.pairs), "time_s": exp.time_s,
-                 "reason": f"not re-measured ({exp.error}); the stored verdict stands"}
+        ch.ab = {**summary, "reason": f"not re-measured ({exp.error}); the stored verdict stands"}
         return
-    if len(exp.pairs) < LOOKS[0]:  # out of time before the first look: no verdict either way
-        ch.ab = {"pairs": len(exp.pairs), "time_s": exp.time_s,
-                 "reason": f"the time budget was spent after {len(exp.pairs)} pairs (the first look needs {LOOKS[0]})"}
+    if len(blocks) < LOOKS[0]:  # out of time before the first look: no verdict either way
+        ch.ab = {**summary, "reason": f"the time budget was spent after {len(blocks)} blocks (the first look needs "
+                                      f"{LOOKS[0]})"}
         ch.verdict = "cannot tell"
         return
-    boundary = boundary_of(ch.metric, ch.threshold, ch.baseline)
-    logs = [p.log_ratio for p in exp.pairs]  # speed; `boundary_of` puts a step-time threshold on that scale
-    d = exp.decision if boundary == exp.boundary and exp.decision else decide(logs, boundary, experiments=experiments,
-                                                                               final=True)
-    if d.verdict == "undecided":
-        d = decide(logs, boundary, experiments=experiments, final=True)
+    boundary = boundary_of(ch.metric, ch.threshold, ch.baseline)  # on the speed scale, step time included
+    d = exp.decision if boundary == exp.boundary and exp.decision else None
+    if d is None or d.verdict == "undecided":
+        d = decide(blocks, boundary, experiments=experiments, final=True)
     cal = exp.calibrated
-    ch.ab = {"pairs": d.pairs, "change": d.change, "lo": d.lo, "hi": d.hi, "noise": d.noise,
-             "confidence": d.confidence, "reason": d.reason, "time_s": exp.time_s, "steps": exp.steps,
+    ch.ab = {**summary, "change": d.change, "lo": d.lo, "hi": d.hi, "noise": d.noise,
+             "confidence": d.confidence, "reason": d.reason, "steps": exp.steps,
              "cal_lo": cal.lo if cal else None, "cal_hi": cal.hi if cal else None, "calib_drift": exp.calib_drift}
     ch.verdict = {"regression": "regression", "no regression": "not confirmed"}.get(d.verdict, "cannot tell")

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from suite.core.errors import one_line
-from suite.gate.sequential import LOOKS, MAX_PAIRS, Decision, decide
+from suite.gate.sequential import LOOKS, MAX_BLOCKS, Decision, decide
 
 REPO = Path(__file__).resolve().parents[2]
-ROUND_S = 0.1  # target length of one timed round (one half of a pair)
+ROUND_S = 0.2  # target length of one timed round (one half of a pair)
 MIN_ROUND_STEPS = 3
+SIZING_STEPS = 5  # steps of the untimed round each side runs to size the rounds
+PAIRS_PER_BLOCK = 3  # pairs in one block (one process pair); the process bias, not these, dominates a block
 _REPLY_TIMEOUT_S = 900
 
 
@@ -48,7 +50,8 @@ class ProcessSide:
     def __init__(self, name: str, tree: str | Path | None = None, threads: int | None = None):
         self.name = name
         root = str(tree or REPO)
-        env = dict(os.environ, PYTHONPATH=root, PYTHONUNBUFFERED="1")
+        # Passive OpenMP waits: an idle side's threads must not spin on the cores the other side is timed on.
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": root, "PYTHONUNBUFFERED": "1"}
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         self.proc = subprocess.Popen([sys.executable, "-m", "suite.gate.abworker"], cwd=root, env=env,
@@ -84,6 +87,13 @@ class ProcessSide:
 
     def prepare(self, trial_values: dict, phase: str, threads: int | None) -> dict:
         return self.ask(op="prepare", trial=trial_values, phase=phase, threads=threads)
+
+    def start_block(self) -> None:
+        """Fork a fresh process from this side's zygote for the next block (`suite.gate.abworker`)."""
+        self.ask(op="fork")
+
+    def end_block(self) -> None:
+        self.ask(op="end")
 
     def start_prepare(self, trial_values: dict, phase: str, threads: int | None) -> None:
         """`prepare` without waiting (both sides build and warm up at once; nothing is timed then)."""
@@ -128,12 +138,12 @@ class Pair:
 
 @dataclass
 class Experiment:
-    """The A/B re-measurement of one flagged trial's phase."""
+    """The A/B re-measurement of one flagged trial's phase: blocks of pairs, each block in fresh processes."""
 
     trial_id: str
     phase: str
     boundary: float  # the threshold as a relative change of speed (negative)
-    pairs: list[Pair] = field(default_factory=list)
+    blocks: list[list[Pair]] = field(default_factory=list)
     decision: Decision | None = None
     calibrated: Decision | None = None  # the same test on calibrated ratios (reported, not the verdict)
     error: str = ""  # why it could not run (then no decision: the stored verdict stands)
@@ -141,11 +151,21 @@ class Experiment:
     steps: int = 0  # steps per round
 
     @property
+    def pairs(self) -> list[Pair]:
+        return [p for block in self.blocks for p in block]
+
+    def block_means(self, calibrated: bool = False) -> list[float]:
+        """Each complete block's mean log speed ratio: the units the test judges."""
+        return [statistics.fmean(p.calibrated_log_ratio if calibrated else p.log_ratio for p in block)
+                for block in self.blocks if len(block) == PAIRS_PER_BLOCK]
+
+    @property
     def calib_drift(self) -> float | None:
         """How far the calibration workload moved over the experiment (last pair vs first; relative)."""
-        if len(self.pairs) < 2:
+        pairs = self.pairs
+        if len(pairs) < 2:
             return None
-        first, last = self.pairs[0], self.pairs[-1]
+        first, last = pairs[0], pairs[-1]
         return (first.cur_calib_ms + first.base_calib_ms) / (last.cur_calib_ms + last.base_calib_ms) - 1
 
 
@@ -155,24 +175,23 @@ def _median(reply: dict) -> tuple[float, float]:
 
 def run_experiment(exp: Experiment, baseline: Side, current: Side, trial_values: dict, threads: int | None, *,
                    deadline: float, experiments: int, clock: Callable[[], float] = time.monotonic) -> Experiment:
-    """Prepare both sides, then add pairs until `decide` settles it, MAX_PAIRS, or `deadline` (on `clock`)."""
+    """Add blocks until `decide` settles it, MAX_BLOCKS, or `deadline` (on `clock`).
+
+    A block: both sides fork a fresh process from their zygote (`start_block`, where a side has it),
+    build and warm up the trial, size the rounds, run PAIRS_PER_BLOCK pairs, and end. A process
+    of the same code can be several percent faster or slower than another for its whole life (its
+    memory layout; on the 2-core VM two identical processes differed by -25% to +7%), so one process
+    pair's bias must not be the verdict: it is one sample, and the blocks' means are what is judged.
+    """
     t0 = clock()
     try:
-        ready = _prepare_both(baseline, current, trial_values, exp.phase, threads)
-        step_ms = max(float(r["step_ms"]) for r in ready)
-        exp.steps = max(MIN_ROUND_STEPS, math.ceil(ROUND_S * 1e3 / max(step_ms, 1e-3)))
         while True:
-            base_first = len(exp.pairs) % 2 == 0
-            order = (baseline, current) if base_first else (current, baseline)
-            got = {id(side): _median(side.round(exp.steps)) for side in order}
-            (b_ms, b_cal), (c_ms, c_cal) = got[id(baseline)], got[id(current)]
-            exp.pairs.append(Pair(b_ms, c_ms, b_cal, c_cal, base_first))
-            n = len(exp.pairs)
+            exp.blocks.append(_block(exp, baseline, current, trial_values, threads))
+            n = len(exp.blocks)
             out_of_time = clock() >= deadline
-            if n in LOOKS or out_of_time:
-                final = out_of_time or n >= MAX_PAIRS
-                exp.decision = decide([p.log_ratio for p in exp.pairs], exp.boundary, experiments=experiments,
-                                      final=final)
+            if n in LOOKS or out_of_time or n >= MAX_BLOCKS:
+                final = out_of_time or n >= MAX_BLOCKS
+                exp.decision = decide(exp.block_means(), exp.boundary, experiments=experiments, final=final)
                 if exp.decision.verdict != "undecided" or final:
                     if out_of_time and exp.decision.verdict == "cannot tell":
                         exp.decision = _with_reason(exp.decision, "the time budget was spent")
@@ -181,10 +200,34 @@ def run_experiment(exp: Experiment, baseline: Side, current: Side, trial_values:
         exp.error = str(exc)
     finally:
         exp.time_s = clock() - t0
-    if exp.pairs and not exp.error:
-        exp.calibrated = decide([p.calibrated_log_ratio for p in exp.pairs], exp.boundary, experiments=experiments,
-                                final=True)
+    if len(exp.block_means()) >= 2 and not exp.error:
+        exp.calibrated = decide(exp.block_means(calibrated=True), exp.boundary, experiments=experiments, final=True)
     return exp
+
+
+def _block(exp: Experiment, baseline: Side, current: Side, trial_values: dict, threads: int | None) -> list[Pair]:
+    """One block of pairs in fresh processes (see `run_experiment`)."""
+    sides = (baseline, current)
+    for side in sides:
+        getattr(side, "start_block", lambda: None)()
+    try:
+        _prepare_both(baseline, current, trial_values, exp.phase, threads)
+        if not exp.steps:
+            # Rounds are sized once, from a round of each side alone (the warm-ups ran at the same
+            # time, so their step times are those of a shared machine); sizing rounds are not counted.
+            step_ms = max(_median(side.round(SIZING_STEPS))[0] for side in sides)
+            exp.steps = max(MIN_ROUND_STEPS, math.ceil(ROUND_S * 1e3 / max(step_ms, 1e-3)))
+        pairs = []
+        for i in range(PAIRS_PER_BLOCK):
+            base_first = (len(exp.blocks) + i) % 2 == 0  # A B, B A, ... across blocks too
+            order = sides if base_first else sides[::-1]
+            got = {id(side): _median(side.round(exp.steps)) for side in order}
+            (b_ms, b_cal), (c_ms, c_cal) = got[id(baseline)], got[id(current)]
+            pairs.append(Pair(b_ms, c_ms, b_cal, c_cal, base_first))
+        return pairs
+    finally:
+        for side in sides:
+            getattr(side, "end_block", lambda: None)()
 
 
 def _prepare_both(baseline, current, trial_values: dict, phase: str, threads: int | None) -> list[dict]:
@@ -212,21 +255,22 @@ def ab_lines(c) -> list[str]:
         lines.append(f"Confirm step: {c.ab['time_s']:.1f} s of a {c.ab['budget_s']:.1f} s budget "
                      f"({c.ab['budget_why']}); {c.ab['experiments']} experiments; false-alarm rate at most "
                      f"{100 * c.ab['alpha']:.0f}% over all of them (Bonferroni over trials and looks). Each pair: "
-                     "baseline and current code, back to back (A B, B A, ...); the calibration workload after each "
-                     "round shows the machine's own drift.")
+                     "baseline and current code, back to back (A B, B A, ...); a block: a fresh process of each side, "
+                     f"{PAIRS_PER_BLOCK} pairs; the calibration workload after each round shows the machine's own "
+                     "drift.")
         lines.append("")
     body = []
     for ch in tried:
         ab = ch.ab
         interval = "—" if ab.get("lo") is None else f"{100 * ab['lo']:+.1f}% .. {100 * ab['hi']:+.1f}%"
         calibrated = "—" if ab.get("cal_lo") is None else f"{100 * ab['cal_lo']:+.1f}% .. {100 * ab['cal_hi']:+.1f}%"
-        body.append([ch.label, f"`{ch.metric}`", ab.get("pairs", 0),
+        body.append([ch.label, f"`{ch.metric}`", f"{ab.get('blocks', 0)} × {PAIRS_PER_BLOCK}",
                      "—" if ab.get("noise") is None else f"±{100 * ab['noise']:.1f}%", interval, calibrated,
                      "—" if ab.get("calib_drift") is None else f"{100 * ab['calib_drift']:+.1f}%",
                      f"{ab.get('time_s', 0.0):.1f} s", f"**{ch.verdict}**" if ch.verdict == "regression" else ch.verdict,
                      ab.get("reason", "")])
     from suite.results.rows import table
 
-    lines.append(table(["trial", "metric", "pairs", "noise/pair", "change of speed", "vs calibration",
+    lines.append(table(["trial", "metric", "blocks × pairs", "noise/block", "change of speed", "vs calibration",
                         "machine drift", "time", "verdict", "why"], body, "llrrrrrrll"))
     return lines

@@ -13,7 +13,14 @@ Protocol: one JSON object per line on stdin, one JSON reply per line on the orig
     {"op": "prepare", "trial": {...}, "phase": "infer"|"train", "threads": 2}
                                                       -> {"ok": true, "step_ms": 1.2, "warmup_steps": 9}
     {"op": "round", "steps": 40}                      -> {"ok": true, "times_ms": [...], "calib_ms": 3.1}
+    {"op": "fork"}                                    -> {"ok": true, "pid": ..., "forked": true}
+    {"op": "end"}                                     -> {"ok": true}   (the forked child exits)
     {"op": "quit"}
+
+"fork" starts a block of an A/B experiment in a fresh process: the zygote (which imported torch and
+timm once) forks a child that answers the following requests until "end". A process of the same
+code carries a speed bias of its own for its whole life, so each block is one sample of it. Where
+CUDA is already initialized (a child could not use it) the zygote serves the block itself.
 
 `calib_ms` is the calibration workload timed right after the round: a fixed matmul chain that
 does not depend on the trial, so its drift is the machine's drift (`suite.gate.abtest` reports
@@ -32,6 +39,7 @@ import time
 CALIB_SIZE = 192  # the calibration matmul: (CALIB_SIZE x CALIB_SIZE) @ (CALIB_SIZE x CALIB_SIZE), float32
 CALIB_REPS = 5  # timed repetitions per round; their median is the round's calib_ms
 CALIB_CHAIN = 8  # matmuls per repetition
+_STATE = {"child": False}  # True in a block's forked child (which exits at "end")
 
 
 class _Side:
@@ -115,6 +123,16 @@ def serve(lines, reply) -> None:
             op = msg.get("op")
             if op == "quit":
                 return
+            if op == "fork":  # a fresh process for the next block, without importing torch again
+                if _fork_block(reply):
+                    continue  # the child serves the block's requests until "end"
+                continue  # the parent: its child has ended the block
+            if op == "end":
+                reply({"ok": True})
+                if _STATE["child"]:
+                    os._exit(0)
+                side.release()
+                continue
             if op == "env":
                 out = {"env": side.env(msg.get("device", "cpu"))}
             elif op == "prepare":
@@ -130,6 +148,27 @@ def serve(lines, reply) -> None:
             reply({"ok": False, "error": f"{type(exc).__name__}: {one_line(exc)}"})
 
 
+def _fork_block(reply) -> bool:
+    """Fork a child that serves the next requests (True in the child); the parent waits for it to end.
+
+    The zygote only imported torch and timm (no tensor work, so no thread pool exists yet), so the
+    child starts clean, and each block of an A/B experiment gets a process of its own: its own heap,
+    threads and memory layout, whose speed bias is then one sample, not the whole experiment's.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a forked child cannot use CUDA: the block runs here
+        reply({"ok": True, "pid": os.getpid(), "forked": False})
+        return True
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        _STATE["child"] = True
+        reply({"ok": True, "pid": os.getpid(), "forked": True})
+        return True
+    os.waitpid(pid, 0)
+    return False
+
+
 def main() -> None:
     protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # library prints must not corrupt the protocol
@@ -139,7 +178,18 @@ def main() -> None:
         protocol.write(json.dumps(obj, default=str) + "\n")
         protocol.flush()
 
-    serve(sys.stdin, reply)
+    import suite.tower.model  # noqa: F401 - torch and timm, imported once by the zygote every block forks from
+
+    serve(_lines(sys.stdin), reply)
+
+
+def _lines(stream):
+    """Lines of `stream` read one at a time (no read-ahead: a forked child must see every request after its fork)."""
+    while True:
+        line = stream.readline()
+        if not line:
+            return
+        yield line
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def _regression_line(ch: Change) -> str:
     line = (f"{ch.label}: {ch.metric} {format_metric(ch.metric, ch.baseline)} → {format_metric(ch.metric, ch.current)} "
             f"({ch.change_text}, threshold {ch.threshold.text})")
     if ch.ab and ch.ab.get("lo") is not None:
-        line += (f"; confirmed A/B on this machine: {ch.ab['pairs']} pairs, change {100 * ch.ab['lo']:+.1f}% to "
+        line += (f"; confirmed A/B on this machine: {ch.ab['blocks']} blocks, change {100 * ch.ab['lo']:+.1f}% to "
                  f"{100 * ch.ab['hi']:+.1f}% ({100 * ch.ab['confidence']:.2f}% interval)")
     if ch.remeasured:
         line += f"; confirmed: re-measured {', '.join(format_metric(ch.metric, x) for x in ch.remeasured)}"

@@ -9,20 +9,32 @@ the figures' own noise (the median IQR / median of the step time on each side, s
 `suite compare` sums the two runs'; a probe accuracy's interval); each side is then searched again.
 A step is named by the commit range it lies in: the last commit measured before it, the first after.
 
+Drift between runs: on a shared machine every trial of a run moves together (the whole run was
+measured while the machine was faster or slower), which no run's own IQR records. For a timing
+metric with at least `MIN_TRIALS` trials, each commit's common move is the median over the trials of
+their log figure's deviation from that trial's own median (a two-way median fit: trial x commit);
+each trial's series is taken net of it, and a point's noise includes the scatter left after it
+(robust standard deviations, Bonferroni over the trials and step positions). Common moves beyond
+the threshold are listed apart: drift of the machine, or a change to every tower, which
+`suite compare --confirm` (A/B) tells apart.
+
 A point's commit is the store's `project_commit` meta entry where it is known (the measured project's
 commit, written by the pytest plugin), else the rows' `env_git_commit` (the suite's checkout), else
 the store's name. Commits are ordered by when their rows were measured. Offline, stores only: no torch.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 
 from suite.core.errors import SuiteError, suggest
 from suite.core.records import ENV_IDENTITY
 from suite.experiment.criteria import GATEABLE, format_metric
 from suite.gate.compare import spread
+from suite.gate.drift import FAMILY_ALPHA, MIN_TRIALS, common_move
 from suite.results.rows import cell, get, num, rows_of, table, trial_label, varying_axes
 from suite.results.store import load_meta, load_results
 
@@ -68,6 +80,8 @@ class History:
     series: list[Series]
     threshold: float
     markdown: str = ""
+    common: dict[str, float] = field(default_factory=dict)  # commit -> common move of all trials (relative)
+    scatter: float | None = None  # robust sd of the trials' figures net of the common moves (relative)
 
 
 def short(commit: str) -> str:
@@ -180,6 +194,28 @@ def _series(pairs: list[tuple[str, dict]], metric: str, commits: list[str]) -> l
     return sorted(out, key=lambda s: (s.label, s.trial_id))
 
 
+def _remove_common_moves(h: History) -> dict[str, float]:
+    """{commit: log common move, "noise": the per-point noise the scatter adds}; {} when not estimable."""
+    if not any(h.metric.endswith(s) for s in ("_samples_per_sec", "_step_time", "_tflops", "_mfu")):
+        return {}
+    series = [s for s in h.series if len(s.points) >= 2 and all(p.value > 0 for p in s.points)]
+    if len(series) < MIN_TRIALS:
+        return {}
+    own = {id(s): statistics.median(math.log(p.value) for p in s.points) for s in series}
+    moves = {}
+    for c in h.commits:
+        devs = [math.log(p.value) - own[id(s)] for s in series for p in s.points if p.commit == c]
+        if len(devs) >= MIN_TRIALS:
+            moves[c] = statistics.median(devs)
+    residuals = [math.log(p.value) - own[id(s)] - moves[p.commit] for s in series for p in s.points
+                 if p.commit in moves]
+    _, sd = common_move(residuals)
+    z = NormalDist().inv_cdf(1 - FAMILY_ALPHA / (2 * len(series) * max(1, len(h.commits) - 1)))
+    h.common = {c: math.expm1(m) for c, m in moves.items()}
+    h.scatter = math.expm1(sd)
+    return {**moves, "noise": math.expm1(z * sd / math.sqrt(2))}
+
+
 def _frame(rows: list[dict]):
     import pandas as pd
 
@@ -199,9 +235,11 @@ def history(paths: list[str | Path], metric: str | None = None, threshold: float
     if not any(len(s.points) >= 2 for s in series):
         raise SuiteError(f"no trial has {metric} at two commits in the same environment ({len(commits)} commits "
                          "found): pass stores of the same experiment, measured on the same machine, by different commits")
-    for s in series:
-        s.steps = find_steps([p.value for p in s.points], [p.noise for p in s.points], threshold)
     out = History(metric, commits, series, threshold)
+    net = _remove_common_moves(out)
+    for s in series:
+        values = [p.value / math.exp(net.get(p.commit, 0.0)) for p in s.points]
+        s.steps = find_steps(values, [max(p.noise, net.get("noise", 0.0)) for p in s.points], threshold)
     out.markdown = render(out)
     return out
 
@@ -221,9 +259,9 @@ def render(h: History) -> str:
     lines = [f"## History of `{h.metric}` over {len(h.commits)} commits", "",
              "Commits, oldest first: " + ", ".join(f"{i + 1}. `{short(c)}`" for i, c in enumerate(h.commits)) + ".",
              f"A step is named when the medians on its two sides differ by more than {100 * h.threshold:.0f}% and "
-             "more than the figures' own noise (IQR / median of the step time on each side, summed). That noise is "
-             "within a run: drift between runs (large on a shared CPU) is not in it, so confirm a step with "
-             "`suite compare`, which re-measures.", ""]
+             "more than the figures' own noise (IQR / median of the step time on each side, summed, and the trials' "
+             "scatter between runs), after the move all trials made together at each commit is taken out (below). "
+             "Confirm a step with `suite compare --confirm`, which re-measures both commits A/B.", ""]
     body = []
     for s in h.series:
         at = {p.commit: p for p in s.points}
@@ -234,10 +272,31 @@ def render(h: History) -> str:
         body.append([s.label] + cells + ["—" if total is None else f"{100 * total:+.1f}%", steps or "none"])
     lines.append(table(["trial"] + [f"{i + 1}" for i in range(len(h.commits))] + ["first → last", "steps"],
                        body, "l" + "r" * (len(h.commits) + 1) + "l"))
+    lines += _common_lines(h)
     found = [(s, st) for s in h.series for st in s.steps]
     lines += ["", f"### Steps ({len(found)})", ""]
     lines += [f"- {cell(s.label)}: {_step_text(h, s, st)}" for s, st in found] or ["No step beyond threshold and noise."]
     return "\n".join(lines) + "\n"
+
+
+def _common_lines(h: History) -> list[str]:
+    """The common move of all trials at each commit, and the moves between commits beyond the threshold."""
+    if not h.common:
+        return ["", f"Fewer than {MIN_TRIALS} trials at each commit: steps are judged on the figures as stored "
+                "(drift of the machine between runs included)."] if h.series else []
+    at = [c for c in h.commits if c in h.common]
+    lines = ["", "### Drift between runs", "",
+             "Every trial's figure at each commit, net of its own median, has this median (the common move of the "
+             "whole run; each trial is judged net of it; the trials scatter ±"
+             f"{100 * (h.scatter or 0):.1f}% around it): " + ", ".join(f"`{short(c)}` {100 * h.common[c]:+.1f}%"
+                                                                      for c in at) + "."]
+    for before, after in zip(at, at[1:]):
+        move = (1 + h.common[after]) / (1 + h.common[before]) - 1
+        if abs(move) > h.threshold:
+            lines.append(f"- every trial moved by **{100 * move:+.1f}%** between `{short(before)}` and `{short(after)}`: "
+                         "drift of the machine between the runs, or a change to every tower; `suite compare --confirm` "
+                         "(A/B) tells them apart")
+    return lines
 
 
 def plot(h: History, s: Series, out_dir: Path) -> Path:

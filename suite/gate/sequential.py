@@ -1,11 +1,13 @@
 """The confirm step's statistics: a paired, sequential test with a stated false-alarm rate.
 
-A flagged trial is re-measured as A/B pairs (`suite.gate.abtest`): baseline and current, back to
-back, in the same conditions. Each pair gives one figure, the log of the current side's speed over
-the baseline's (speed = 1 / step time), so whatever slows the whole machine for a moment slows both
-halves of a pair and cancels. Over n pairs:
+A flagged trial is re-measured in A/B blocks (`suite.gate.abtest`): in each block, fresh processes of
+baseline and current build the trial and time short rounds back to back, in the same conditions.
+A pair gives the log of the current side's speed over the baseline's (speed = 1 / step time), so
+whatever slows the whole machine for a moment slows both halves and cancels; a block's figure is the
+mean of its pairs, and the blocks are the units judged (a process carries a speed bias of its own,
+so one process pair is one sample). Over n blocks:
 
-- the change's interval is the t interval of the pairs' mean log ratio, at the level the error
+- the change's interval is the t interval of the blocks' mean log ratio, at the level the error
   budget leaves for this look (below), turned back into a relative change;
 - "regression": the whole interval is worse than the threshold (the slowdown beyond the threshold
   is significant);
@@ -16,9 +18,9 @@ halves of a pair and cancels. Over n pairs:
 
 Error rate: the probability of calling a trial a regression when its true slowdown is at most the
 threshold is at most `ALPHA` for all flagged experiments together. Each experiment may look at its
-pairs at `LOOKS` (so at most `len(LOOKS)` times) and each look of each experiment spends
+blocks at `LOOKS` (so at most `len(LOOKS)` times) and each look of each experiment spends
 ALPHA / (experiments x looks) of it (Bonferroni over trials and looks: conservative, and valid
-whatever the pairs' correlation). The same bound holds for calling a real slowdown beyond the
+whatever the looks' correlation). The same bound holds for calling a real slowdown beyond the
 threshold "no regression".
 
 Pure Python and numpy/scipy (no torch): tested with injected figures.
@@ -31,20 +33,20 @@ from dataclasses import dataclass
 import numpy as np
 
 ALPHA = 0.05  # family-wise false-alarm rate of the confirm step
-LOOKS = (4, 6, 8, 12, 16, 24, 32, 48, 64)  # pairs at which an experiment may stop; the last is the cap
-MAX_PAIRS = LOOKS[-1]
+LOOKS = (4, 6, 8, 12, 16, 24, 32)  # blocks after which an experiment may stop; the last is the cap
+MAX_BLOCKS = LOOKS[-1]
 
 
 @dataclass(frozen=True)
 class Decision:
-    """The verdict of one A/B experiment after `pairs` pairs; changes are relative (+0.05: 5% faster)."""
+    """The verdict of one A/B experiment after `n` units (blocks); changes are relative (+0.05: 5% faster)."""
 
-    verdict: str  # "regression" | "no regression" | "cannot tell" | "undecided" (more pairs may decide)
-    pairs: int
-    change: float | None  # the pairs' mean, as a relative change of speed
+    verdict: str  # "regression" | "no regression" | "cannot tell" | "undecided" (more blocks may decide)
+    n: int
+    change: float | None  # the units' mean, as a relative change of speed
     lo: float | None  # the interval of the change at `confidence`
     hi: float | None
-    noise: float | None  # one pair's relative noise (the pairs' standard deviation)
+    noise: float | None  # one unit's relative noise (the units' standard deviation)
     confidence: float  # two-sided level of the interval
     boundary: float  # the threshold as a relative change of speed (e.g. -0.05)
     reason: str = ""
@@ -64,19 +66,19 @@ def alpha_per_look(experiments: int, alpha: float = ALPHA) -> float:
 
 def decide(log_ratios: list[float], boundary: float, *, experiments: int = 1, final: bool = False,
            alpha: float = ALPHA) -> Decision:
-    """Judge the pairs so far.
+    """Judge the units (blocks) so far.
 
     Args:
-        log_ratios: per pair, log(current speed / baseline speed).
+        log_ratios: per unit, log(current speed / baseline speed).
         boundary: the threshold as a relative change of speed, worse side (-0.05 for "5% slower").
         experiments: how many A/B experiments share the error budget (flagged trial phases).
-        final: no more pairs will come (last look, or the budget is spent): "cannot tell" instead of "undecided".
+        final: no more units will come (last look, or the budget is spent): "cannot tell" instead of "undecided".
     """
     n = len(log_ratios)
     a = alpha_per_look(experiments, alpha)
     confidence = 1 - 2 * a
     if n < 2:
-        why = f"{n} pair{'s' * (n != 1)}: too few to estimate the noise"
+        why = f"{n} block{'s' * (n != 1)}: too few to estimate the noise"
         return Decision("cannot tell" if final else "undecided", n, None, None, None, None, confidence, boundary, why)
     x = np.asarray(log_ratios, dtype=float)
     mean, sd = float(x.mean()), float(x.std(ddof=1))
@@ -89,7 +91,7 @@ def decide(log_ratios: list[float], boundary: float, *, experiments: int = 1, fi
         verdict, why = "no regression", f"the whole interval is better than the threshold {100 * b:+.1f}%"
     elif final:
         verdict = "cannot tell"
-        why = (f"noise ±{100 * math.expm1(half):.1f}% after {n} pairs is wider than the distance to the "
+        why = (f"noise ±{100 * math.expm1(half):.1f}% after {n} blocks is wider than the distance to the "
                f"threshold {100 * b:+.1f}%")
     else:
         verdict, why = "undecided", ""
@@ -106,7 +108,3 @@ def boundary_of(metric: str, threshold, baseline: float) -> float:
     if metric.endswith("_step_time"):
         return 1 / (1 + limit) - 1
     return -min(limit, 0.999999)
-
-
-def is_last_look(pairs: int) -> bool:
-    return pairs >= MAX_PAIRS

@@ -8,7 +8,7 @@ import pytest
 
 from suite.experiment.criteria import Threshold
 from suite.gate.abtest import Experiment, SideError, run_experiment
-from suite.gate.sequential import ALPHA, LOOKS, MAX_PAIRS, alpha_per_look, boundary_of, decide
+from suite.gate.sequential import ALPHA, LOOKS, MAX_BLOCKS, alpha_per_look, boundary_of, decide
 
 FIVE = Threshold("infer_samples_per_sec", 5.0, True)
 
@@ -22,7 +22,7 @@ def test_a_clear_slowdown_is_a_regression_and_no_change_is_no_regression():
     assert decide(pairs(-0.10, 0.01, 12, 1), -0.05).verdict == "regression"
     assert decide(pairs(0.0, 0.01, 12, 2), -0.05).verdict == "no regression"
     slow = decide(pairs(-0.10, 0.01, 12, 1), -0.05)
-    assert slow.lo < -0.10 < slow.hi < -0.05 and slow.pairs == 12
+    assert slow.lo < -0.10 < slow.hi < -0.05 and slow.n == 12
 
 
 def test_too_few_pairs_or_too_much_noise_is_undecided_then_cannot_tell():
@@ -53,7 +53,7 @@ def test_false_alarms_stay_under_the_stated_rate_at_the_threshold():
     alarms = 0
     runs = 400
     for seed in range(runs):
-        x = pairs(-0.05, 0.03, MAX_PAIRS, seed)
+        x = pairs(-0.05, 0.03, MAX_BLOCKS, seed)
         for n in LOOKS:
             if decide(x[:n], -0.05).verdict == "regression":
                 alarms += 1
@@ -62,10 +62,17 @@ def test_false_alarms_stay_under_the_stated_rate_at_the_threshold():
 
 
 class FakeSide:
-    """A side whose step takes `ms` times the machine's momentary slowness (shared with the other side)."""
+    """A side whose step takes `ms` times the machine's momentary slowness (shared with the other side),
+    times a bias of its process (a new one for every block: a fresh process)."""
 
     def __init__(self, machine, ms: float, *, fail: str = ""):
-        self.machine, self.ms, self.fail = machine, ms, fail
+        self.machine, self.ms, self.fail, self.bias, self.blocks = machine, ms, fail, 1.0, 0
+
+    def start_block(self):
+        self.bias, self.blocks = 1 + self.machine.rng.gauss(0, 0.03), self.blocks + 1
+
+    def end_block(self):
+        pass
 
     def prepare(self, trial_values, phase, threads):
         if self.fail:
@@ -73,7 +80,7 @@ class FakeSide:
         return {"step_ms": self.ms}
 
     def round(self, steps):
-        slow = self.machine.tick(steps * self.ms)
+        slow = self.machine.tick(steps * self.ms) * self.bias
         return {"times_ms": [self.ms * slow * (1 + self.machine.rng.gauss(0, 0.01)) for _ in range(5)],
                 "calib_ms": 2.0 * slow}
 
@@ -104,6 +111,7 @@ def test_a_machine_drifting_40_percent_during_the_experiment_is_not_a_regression
     assert exp.decision.verdict == "no regression"
     assert exp.calib_drift < -0.05  # the calibration workload saw the machine slow down
     assert exp.pairs[0].base_first and not exp.pairs[1].base_first  # A B, B A, ...
+    assert len(exp.blocks) >= LOOKS[0] and all(len(b) == 3 for b in exp.blocks)
 
 
 def test_a_planted_ten_percent_slowdown_is_a_regression_under_drift():
@@ -115,7 +123,8 @@ def test_a_planted_ten_percent_slowdown_is_a_regression_under_drift():
 def test_a_spent_budget_is_cannot_tell_with_its_reason_and_a_failing_side_is_an_error():
     exp = _run(Machine(seed=2), 5.0, 5.0 / 0.96, budget_s=0.5)
     assert exp.decision.verdict == "cannot tell" and "budget" in exp.decision.reason
-    assert exp.time_s <= 0.5 + 2 * exp.steps * 5.0 / 1e3 / 0.96 + 1e-9  # at most one pair past the deadline
+    block_s = (5 + 3 * exp.steps) * 2 * 5.0 / 1e3 / 0.96 * 1.2  # sizing + 3 pairs of both sides, biased slow
+    assert exp.time_s <= 0.5 + block_s  # at most one block past the deadline
     broken = _run(Machine(), 5.0, 5.0, fail="current side: KeyError: 'no_such_option'")
     assert broken.decision is None and "no_such_option" in broken.error
 
@@ -162,7 +171,7 @@ def test_run_ab_confirms_a_real_slowdown_and_clears_a_stored_fluke():
         run_ab(c, rows, [flagged[0].trial_id], None, 30.0, budget_why="given", make_side=_sides(machine, slower),
                clock=machine.clock)
         ch = flagged[0]
-        assert ch.verdict == verdict and ch.ab["pairs"] >= LOOKS[0] and ch.ab["lo"] < ch.ab["hi"]
+        assert ch.verdict == verdict and ch.ab["blocks"] >= LOOKS[0] and ch.ab["lo"] < ch.ab["hi"]
         assert c.ab["experiments"] == 1 and 0 < c.ab["time_s"] <= 30.0 + 1.0
 
 

@@ -96,3 +96,31 @@ def test_bad_input_names_the_fix(tmp_path):
     with pytest.raises(SuiteError, match="two commits"):
         history([a])
     assert run_cli("history", str(a), str(b), "--step", "lots").returncode == 2
+
+
+SIX = {"test_vit": 100.0, "test_resnet": 200.0, "test_convnext": 50.0, "vit_a": 80.0, "vit_b": 120.0, "vit_c": 60.0}
+
+
+def test_a_whole_run_moving_together_is_drift_not_a_step_of_each_trial(tmp_path):
+    rng = random.Random(7)
+    machine = [1.0, 1.15, 0.88, 1.0]  # each run measured while the machine was faster or slower
+    stores = [run_store(tmp_path, i, c, {m: r * machine[i] * (1 + rng.gauss(0, 0.01)) for m, r in SIX.items()})
+              for i, c in enumerate(COMMITS[:4])]
+    h = history(stores)
+    assert all(s.steps == [] for s in h.series)
+    assert h.common[COMMITS[1]] == pytest.approx(0.15, abs=0.04)
+    assert "### Drift between runs" in h.markdown and "every trial moved by **" in h.markdown
+
+
+def test_one_trial_stepping_against_a_drifting_machine_is_named(tmp_path):
+    rng = random.Random(8)
+    machine = [1.0, 1.12, 0.9, 1.05]
+    stores = [run_store(tmp_path, i, c, {m: r * machine[i] * (1 + rng.gauss(0, 0.01)) * (0.85 if m == "vit_b" and i >= 2
+                                                                                          else 1.0)
+                                         for m, r in SIX.items()})
+              for i, c in enumerate(COMMITS[:4])]
+    h = history(stores)
+    stepped = {s.label.split("`")[1]: s.steps for s in h.series if s.steps}
+    assert list(stepped) == ["vit_b"]
+    (step,) = stepped["vit_b"]
+    assert next(s for s in h.series if "vit_b" in s.label).commit_range(step) == (COMMITS[1], COMMITS[2])
