@@ -25,8 +25,10 @@ MIN_TRIAL_S = 1.0  # a trial whose row records no time counts as this long
 
 
 def has_ab_worker(tree: str | Path) -> bool:
-    """Whether a baseline commit's files have the A/B worker (older commits are measured one process a time)."""
-    return (Path(tree) / "suite" / "gate" / "abworker.py").is_file()
+    """Whether a baseline commit's files have the A/B worker with blocks (its "fork" request); older
+    commits are measured one `suite bench` process at a time."""
+    worker = Path(tree) / "suite" / "gate" / "abworker.py"
+    return worker.is_file() and 'op == "fork"' in worker.read_text(errors="replace")
 
 
 def trial_seconds(row) -> float:

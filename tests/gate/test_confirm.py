@@ -146,6 +146,7 @@ def test_a_baseline_from_another_commit_is_rebuilt_from_its_files(tmp_path, monk
     faster on a loaded 2-core machine is noise, and the verdict on given figures is tested above.
     """
     import math
+    import shutil
     import subprocess
 
     import suite.gate.confirm as confirm
@@ -169,6 +170,20 @@ def test_a_baseline_from_another_commit_is_rebuilt_from_its_files(tmp_path, monk
         infer_samples_per_sec=8e6, infer_step_time=0.0005, infer_step_time_iqr=0.0)])
     comparison = compare_paths(a, b)
     assert comparison.exit_code == 1  # -20%: flagged
+    from suite.gate.ab_confirm import has_ab_worker
+    from suite.gate.rebuild import export_commit
+
+    tree = export_commit(parent)
+    parent_has_blocks = has_ab_worker(tree)
+    shutil.rmtree(tree)
+    if parent_has_blocks:  # both commits' code runs in blocks of fresh processes, within the budget
+        assert remeasure(comparison, a, b, rounds=1, budget_s=3.0) == {}
+        (ch,) = [c for c in comparison.changes if c.ab is not None]
+        assert ch.ab["pairs"] >= 1 and comparison.ab["time_s"] < 3.0 + 30, ch.ab  # one block past the budget at most
+        assert any("BASELINE rebuilt from its own code" in note for note in comparison.notes), comparison.notes
+    # An older baseline commit without the A/B worker: one `suite bench` process per measurement, interleaved.
+    monkeypatch.setattr(confirm, "has_ab_worker", lambda tree: False)
+    comparison = compare_paths(a, b)
     values = remeasure(comparison, a, b, rounds=1)
     (tid,) = {tid for _, tid, _ in values}
     for side in ("current", "baseline"):
