@@ -186,7 +186,7 @@ def run_experiment(exp: Experiment, baseline: Side, current: Side, trial_values:
     t0 = clock()
     try:
         while True:
-            exp.blocks.append(_block(exp, baseline, current, trial_values, threads))
+            exp.blocks.append(block(exp, baseline, current, trial_values, threads))
             n = len(exp.blocks)
             out_of_time = clock() >= deadline
             if n in LOOKS or out_of_time or n >= MAX_BLOCKS:
@@ -205,7 +205,7 @@ def run_experiment(exp: Experiment, baseline: Side, current: Side, trial_values:
     return exp
 
 
-def _block(exp: Experiment, baseline: Side, current: Side, trial_values: dict, threads: int | None) -> list[Pair]:
+def block(exp: Experiment, baseline: Side, current: Side, trial_values: dict, threads: int | None) -> list[Pair]:
     """One block of pairs in fresh processes (see `run_experiment`)."""
     sides = (baseline, current)
     for side in sides:

@@ -124,3 +124,23 @@ def test_one_trial_stepping_against_a_drifting_machine_is_named(tmp_path):
     assert list(stepped) == ["vit_b"]
     (step,) = stepped["vit_b"]
     assert next(s for s in h.series if "vit_b" in s.label).commit_range(step) == (COMMITS[1], COMMITS[2])
+
+
+def test_recorded_identical_reruns_of_this_machine_name_no_step(tmp_path):
+    """Four identical smoke runs of one commit on the 2-core dev VM (recorded figures), labelled as four
+    commits: whole runs moved by several percent and single trials scatter by 10-20% between runs, which
+    the per-run IQR does not cover. Nothing changed, so no step may be named, for either metric."""
+    import json
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parent / "data" / "smoke-reruns.json").read_text())
+    stores = []
+    for i, run in enumerate(recorded["runs"]):
+        records = [make_record(**{k: v for k, v in row.items() if k != "finished_at"}, env_git_commit=COMMITS[i],
+                               finished_at=1_700_000_000.0 + 3600 * i) for row in run["rows"]]
+        stores.append(write_store(tmp_path / f"run{i}" / "results.sqlite", records, {"experiment": {"name": "smoke"}}))
+    for metric in ("train_samples_per_sec", "infer_samples_per_sec"):
+        h = history(stores, metric)
+        assert len(h.commits) == len(recorded["runs"]) >= 4 and len(h.series) >= 40
+        assert [s.label for s in h.series if s.steps] == [], h.markdown
+        assert h.common and h.scatter is not None
