@@ -8,7 +8,7 @@
    never stopped early, and stores every block's mean log speed ratio (and every pair's), and the time
    a block took.
 2. `--simulate FILE` draws many experiments from those recorded blocks (resampled with replacement):
-   identical code (the blocks as recorded), and planted slowdowns (each block shifted by log(1 - s)),
+   identical code (each experiment's blocks centred on 0), and planted slowdowns (shifted by log(1 - s)),
    and runs the sequential test on them exactly as the gate does (looks, Bonferroni over
    `--experiments`, a budget of `--max-blocks`). It prints how often each case is called a regression,
    no regression or cannot tell, and the blocks each decision took.
@@ -69,7 +69,10 @@ def simulate(path: Path, runs: int, experiments: int, max_blocks: int, seed: int
     from suite.gate.sequential import LOOKS, decide
 
     data = json.loads(path.read_text())
-    pools = [e["log_ratios"] for e in data["experiments"] if len(e["log_ratios"]) >= 8]  # block means
+    # Block means, each experiment's centred on 0: its recorded mean is a draw too (the code was
+    # identical), and the shift added below is then the true change of the simulated pairs.
+    pools = [[x - sum(e["log_ratios"]) / len(e["log_ratios"]) for x in e["log_ratios"]]
+             for e in data["experiments"] if len(e["log_ratios"]) >= 8]
     rng = random.Random(seed)
     print(f"{path}: {len(pools)} recorded experiments ({data['recorded']}), {runs} simulated each case; "
           f"{experiments} experiments share the error budget; at most {max_blocks} blocks (the budget)")

@@ -145,7 +145,6 @@ def test_a_baseline_from_another_commit_is_rebuilt_from_its_files(tmp_path, monk
     is asserted (both sides re-measured, finite, positive, far from the stored figures): which side is
     faster on a loaded 2-core machine is noise, and the verdict on given figures is tested above.
     """
-    import math
     import shutil
     import subprocess
 
@@ -174,19 +173,19 @@ def test_a_baseline_from_another_commit_is_rebuilt_from_its_files(tmp_path, monk
     from suite.gate.rebuild import export_commit
 
     tree = export_commit(parent)
-    parent_has_blocks = has_ab_worker(tree)
-    shutil.rmtree(tree)
+    try:
+        # An older baseline commit (no A/B worker): its side is one `suite bench` process of its own files
+        # per measurement; here that process is checked alone.
+        from suite.core.options import Trial
+        from suite.gate.rebuild import measure_at
+
+        record = measure_at(Trial(model="test_resnet", **tiny), tree=str(tree))
+        assert record.status == "ok" and 0 < record.measure.infer_samples_per_sec < 1e6, record.reason
+        parent_has_blocks = has_ab_worker(tree)
+    finally:
+        shutil.rmtree(tree)
     if parent_has_blocks:  # both commits' code runs in blocks of fresh processes, within the budget
-        assert remeasure(comparison, a, b, rounds=1, budget_s=3.0) == {}
+        assert remeasure(comparison, a, b, rounds=1, budget_s=0.5) == {}  # one block: the budget is checked after it
         (ch,) = [c for c in comparison.changes if c.ab is not None]
-        assert ch.ab["pairs"] >= 1 and comparison.ab["time_s"] < 3.0 + 30, ch.ab  # one block past the budget at most
+        assert ch.ab["pairs"] >= 1 and comparison.ab["time_s"] < 0.5 + 30, ch.ab  # one block past the budget at most
         assert any("BASELINE rebuilt from its own code" in note for note in comparison.notes), comparison.notes
-    # An older baseline commit without the A/B worker: one `suite bench` process per measurement, interleaved.
-    monkeypatch.setattr(confirm, "has_ab_worker", lambda tree: False)
-    comparison = compare_paths(a, b)
-    values = remeasure(comparison, a, b, rounds=1)
-    (tid,) = {tid for _, tid, _ in values}
-    for side in ("current", "baseline"):
-        (value,) = values[(side, tid, "infer_samples_per_sec")]
-        assert math.isfinite(value) and 0 < value < 1e6, (side, value)  # really measured here, not stored
-    assert any("BASELINE rebuilt from its own code" in note for note in comparison.notes), comparison.notes

@@ -96,29 +96,29 @@ def test_kill_9_of_the_driver_loses_only_trials_in_flight_and_resume_completes(t
     exp = write_experiment(tmp_path, """
         name: killme
         device: cpu
-        measure: {mode: train, batch_size: 2, warmup: 1, iters: 3}
+        measure: {mode: infer, batch_size: 2, warmup: 1, iters: 3}
         grid:
           model: test_resnet
           image_size: 64
-          embed_dim: [8, 16, 24, 32, 40, 48]
+          embed_dim: [8, 16, 24, 32]
     """)
     out = tmp_path / "out"
     db = out / "results.sqlite"
     cmd = [sys.executable, "-m", "suite.cli.main", "run", str(exp), "--out", str(out), "--quiet", "--no-report"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while count_rows(db) < 2 and time.time() < deadline and proc.poll() is None:
+    while count_rows(db) < 1 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # the driver only: its worker must notice and exit by itself
     proc.wait()
     before = load_results(db)
-    assert 2 <= len(before) < 6, "the run should have been killed mid-way"
+    assert 1 <= len(before) < 4, "the run should have been killed mid-way"
     kept = dict(zip(before["trial_id"], before["finished_at"]))
 
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     after = load_results(db)
-    assert len(after) == 6 and after["trial_id"].is_unique
+    assert len(after) == 4 and after["trial_id"].is_unique
     assert set(after["status"]) == {"ok"}
     # rows stored before the kill were not run again
     for trial_id, finished in kept.items():
