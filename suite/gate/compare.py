@@ -25,7 +25,6 @@ This module must stay light: no torch.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from suite.experiment.criteria import (
 )
 from suite.gate.abtest import ab_lines
 from suite.gate.drift import drift_lines, remove_drift
-from suite.gate.verdict import Change, Comparison, judge
+from suite.gate.verdict import TIMING_PHASE, Change, Comparison, is_timing, judge
 from suite.results.rows import (
     AXES,
     cell,
@@ -55,8 +54,6 @@ from suite.results.rows import (
     varying_axes,
 )
 from suite.results.store import load_meta, load_results
-
-_TIMING_PHASE = re.compile(r"^(infer|train)_(samples_per_sec|step_time|tflops|mfu)$")
 
 
 def _noise(metric: str, a, b) -> float | None:
@@ -81,7 +78,7 @@ def spread(metric: str, row) -> float | None:
     if lo is not None and hi is not None and value:
         half = half_width(lo, hi)
         return None if half is None else half / abs(value)
-    m = _TIMING_PHASE.match(metric)
+    m = TIMING_PHASE.match(metric)
     return rel_iqr(row, m.group(1)) if m else None
 
 
@@ -166,11 +163,6 @@ def _regression_line(ch: Change) -> str:
     if ch.remeasured:
         line += f"; confirmed: re-measured {', '.join(format_metric(ch.metric, x) for x in ch.remeasured)}"
     return line
-
-
-def is_timing(metric: str) -> bool:
-    """Whether `metric` is a throughput/step-time figure (the kind a re-measurement can confirm)."""
-    return _TIMING_PHASE.match(metric) is not None
 
 
 def flagged_timing(c: Comparison, *, cannot_tell: bool = False) -> list[Change]:

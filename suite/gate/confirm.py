@@ -30,7 +30,7 @@ from pathlib import Path
 from suite.core.errors import SuiteError
 from suite.core.options import OPTIONS, Trial
 from suite.experiment.criteria import MAX_CONFIRM_ROUNDS
-from suite.gate.ab_confirm import default_budget, has_ab_worker, run_ab
+from suite.gate.ab_confirm import default_budget, has_ab_worker, run_ab, trial_values
 from suite.gate.compare import apply_confirmation, compare_paths, flagged_timing, gates_of, refresh
 from suite.gate.verdict import Comparison
 from suite.results.rows import env_differences, get, rows_of
@@ -62,9 +62,8 @@ def ab_trial(trial: SideTrial, *, fns: dict[str, str], fn_kwargs: dict[str, dict
 
 def _trial_of(row, side: str) -> SideTrial:
     """The configuration a stored row was measured with (without its probe), tagged with `side`."""
-    values = {o.name: get(row, o.name) for o in OPTIONS if get(row, o.name) is not None or o.nullable}
     threads = get(row, "env_threads")
-    return SideTrial(**{**values, "dataset": "none"}, side=side, stored_id=str(get(row, "trial_id")),
+    return SideTrial(**trial_values(row), side=side, stored_id=str(get(row, "trial_id")),
                      threads=int(threads) if threads else None)
 
 

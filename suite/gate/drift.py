@@ -23,16 +23,11 @@ import math
 import statistics
 from statistics import NormalDist
 
-from suite.gate.verdict import Change, Comparison, judge
+from suite.gate.verdict import Change, Comparison, is_timing, judge
 
 MIN_TRIALS = 5  # compared trials of a metric needed to estimate its common move
 FAMILY_ALPHA = 0.05  # chance that any trial of an unchanged run falls outside the scatter band (two-sided)
 _MAD_TO_SD = 1.4826
-
-
-def _timing(metric: str) -> bool:
-    return metric.startswith(("infer_", "train_")) and metric.endswith(("_samples_per_sec", "_step_time",
-                                                                         "_tflops", "_mfu"))
 
 
 def common_move(log_ratios: list[float]) -> tuple[float, float]:
@@ -51,7 +46,7 @@ def remove_drift(c: Comparison) -> None:
     """Judge every timing change net of its metric's common move, in place (see the module doc)."""
     by_metric: dict[str, list[Change]] = {}
     for ch in c.changes:
-        if (_timing(ch.metric) and ch.threshold is not None and ch.threshold.relative and ch.baseline
+        if (is_timing(ch.metric) and ch.threshold is not None and ch.threshold.relative and ch.baseline
                 and ch.current and ch.baseline > 0 and ch.current > 0):
             by_metric.setdefault(ch.metric, []).append(ch)
     for metric, changes in by_metric.items():

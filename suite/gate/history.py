@@ -35,6 +35,7 @@ from suite.core.records import ENV_IDENTITY
 from suite.experiment.criteria import GATEABLE, format_metric
 from suite.gate.compare import spread
 from suite.gate.drift import FAMILY_ALPHA, MIN_TRIALS, common_move
+from suite.gate.verdict import is_timing
 from suite.results.rows import cell, get, num, rows_of, table, trial_label, varying_axes
 from suite.results.store import load_meta, load_results
 
@@ -194,13 +195,13 @@ def _series(pairs: list[tuple[str, dict]], metric: str, commits: list[str]) -> l
     return sorted(out, key=lambda s: (s.label, s.trial_id))
 
 
-def _remove_common_moves(h: History) -> dict[str, float]:
-    """{commit: log common move, "noise": the per-point noise the scatter adds}; {} when not estimable."""
-    if not any(h.metric.endswith(s) for s in ("_samples_per_sec", "_step_time", "_tflops", "_mfu")):
-        return {}
+def _remove_common_moves(h: History) -> tuple[dict[str, float], float]:
+    """({commit: log common move}, the per-point noise the scatter adds); ({}, 0) when not estimable."""
+    if not is_timing(h.metric):
+        return {}, 0.0
     series = [s for s in h.series if len(s.points) >= 2 and all(p.value > 0 for p in s.points)]
     if len(series) < MIN_TRIALS:
-        return {}
+        return {}, 0.0
     own = {id(s): statistics.median(math.log(p.value) for p in s.points) for s in series}
     moves = {}
     for c in h.commits:
@@ -213,7 +214,7 @@ def _remove_common_moves(h: History) -> dict[str, float]:
     z = NormalDist().inv_cdf(1 - FAMILY_ALPHA / (2 * len(series) * max(1, len(h.commits) - 1)))
     h.common = {c: math.expm1(m) for c, m in moves.items()}
     h.scatter = math.expm1(sd)
-    return {**moves, "noise": math.expm1(z * sd / math.sqrt(2))}
+    return moves, math.expm1(z * sd / math.sqrt(2))
 
 
 def _frame(rows: list[dict]):
@@ -236,10 +237,10 @@ def history(paths: list[str | Path], metric: str | None = None, threshold: float
         raise SuiteError(f"no trial has {metric} at two commits in the same environment ({len(commits)} commits "
                          "found): pass stores of the same experiment, measured on the same machine, by different commits")
     out = History(metric, commits, series, threshold)
-    net = _remove_common_moves(out)
+    moves, scatter_noise = _remove_common_moves(out)
     for s in series:
-        values = [p.value / math.exp(net.get(p.commit, 0.0)) for p in s.points]
-        s.steps = find_steps(values, [max(p.noise, net.get("noise", 0.0)) for p in s.points], threshold)
+        values = [p.value / math.exp(moves.get(p.commit, 0.0)) for p in s.points]
+        s.steps = find_steps(values, [max(p.noise, scatter_noise) for p in s.points], threshold)
     out.markdown = render(out)
     return out
 

@@ -5,9 +5,17 @@ the command line render them.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from suite.experiment.criteria import Threshold, higher_is_better
+
+TIMING_PHASE = re.compile(r"^(infer|train)_(samples_per_sec|step_time|tflops|mfu)$")
+
+
+def is_timing(metric: str) -> bool:
+    """Whether `metric` is a throughput/step-time figure (the kind a re-measurement can confirm)."""
+    return TIMING_PHASE.match(metric) is not None
 
 
 def judge(metric: str, base: float, cur: float, threshold: Threshold | None, noise: float | None) -> str:
